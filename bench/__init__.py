@@ -1,0 +1,1 @@
+"""Benchmarks of the training step, the input pipeline and whole runs (see docs/PERFORMANCE.md)."""

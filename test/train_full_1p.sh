@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Full training on one device (the recipe's epochs, mixed precision).
+# Usage: bash test/train_full_1p.sh --data_path=DIR [--key=value ...] [-- main.py options]
+set -euo pipefail
+# shellcheck source=test/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+MZ_LAUNCH="single"
+MZ_KIND="acc"
+MZ_OPTIONS="data_path arch batch_size epochs device_id"
+MZ_MAIN_ARGS=(--amp)
+mz_main "$@"

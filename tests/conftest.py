@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny generated ImageFolders and a way to run main.py in-process."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from training.dummy_data import make_imagefolder  # noqa: E402
+from training.metrics import read_metrics  # noqa: E402
+
+# Small enough for seconds per run on two CPU cores, big enough for Inception's minimum.
+TINY_IMAGE_SIZE = 75
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """--dummy data sets go to a temporary cache, never the user's."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """3 classes, 8 train + 5 val images each (15 val images: not divisible by 2 or 4)."""
+    return make_imagefolder(tmp_path_factory.mktemp("tiny") / "data", num_classes=3, train_per_class=8,
+                            val_per_class=5, image_size=(88, 80), seed=1)
+
+
+@dataclass
+class Result:
+    code: int
+    output: str
+
+
+def run_main(*argv: str) -> Result:
+    """Run ``main.py argv`` in this process; returns the exit code and everything printed."""
+    from training.run import main
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as stop:  # argparse errors
+            code = stop.code if isinstance(stop.code, int) else 1
+    return Result(code, buffer.getvalue())
+
+
+def quick_args(data: Path, output: Path, arch: str = "inception_v3", *extra: str) -> list[str]:
+    """A run of a few seconds: tiny images, small batches, no worker processes."""
+    return ["-a", arch, "--data", str(data), "--output_dir", str(output), "--image-size", str(TINY_IMAGE_SIZE),
+            "-b", "4", "--workers", "0", "--epochs", "1", "--seed", "0", "--print-freq", "2", *extra]
+
+
+def metrics_of(output: Path) -> list[dict]:
+    return read_metrics(output / "metrics.jsonl")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tiny_data, tmp_path_factory) -> Path:
+    """A real checkpoint of one short Inception v3 epoch on the tiny data."""
+    output = tmp_path_factory.mktemp("trained")
+    result = run_main(*quick_args(tiny_data, output, "inception_v3", "--max-steps", "2"))
+    assert result.code == 0, result.output
+    return output / "checkpoint.pth.tar"

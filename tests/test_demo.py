@@ -1,0 +1,110 @@
+"""demo.py: top-k on a real checkpoint, checkpoint discovery, ModelZoo and bare files, errors."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import demo
+import models
+from conftest import REPO
+
+TOP_LINE = re.compile(r"^\s*(\d+)\.\s+([\d.]+)%\s+(.+) \((\d+)\)$")
+
+
+def top_lines(output: str) -> list[tuple[int, float, str, int]]:
+    matches = (TOP_LINE.match(line) for line in output.splitlines())
+    return [(int(m[1]), float(m[2]), m[3], int(m[4])) for m in matches if m]
+
+
+def test_top_k_of_a_trained_checkpoint(trained_checkpoint, capsys):
+    assert demo.main(["--checkpoint", str(trained_checkpoint), "--topk", "2"]) == 0
+    output = capsys.readouterr().out
+    rows = top_lines(output)
+    assert [row[0] for row in rows] == [1, 2]
+    assert all(name == f"class_{index:02d}" for _, _, name, index in rows)  # the checkpoint's class names
+    assert rows[0][1] >= rows[1][1] and sum(row[1] for row in rows) <= 100.01
+    assert "inception_v3, epoch 1, 3 classes" in output
+    assert "75x75 crop" in output  # the checkpoint's training size
+    assert "sample.jpg" in output
+
+
+def test_topk_is_capped_at_the_class_count(trained_checkpoint, capsys):
+    assert demo.main(["--checkpoint", str(trained_checkpoint)]) == 0  # default 5, only 3 classes
+    assert len(top_lines(capsys.readouterr().out)) == 3
+
+
+def test_newest_checkpoint_under_output_is_found(trained_checkpoint, tmp_path, monkeypatch, capsys):
+    older = tmp_path / "output" / "old" / "checkpoint.pth.tar"
+    newer = tmp_path / "output" / "new" / "model_best.pth.tar"
+    for target in (older, newer):
+        target.parent.mkdir(parents=True)
+        shutil.copy(trained_checkpoint, target)
+    os.utime(older, (1, 1))  # modified in 1970
+    monkeypatch.chdir(tmp_path)
+    assert demo.main([]) == 0
+    assert "checkpoint: output/new/model_best.pth.tar" in capsys.readouterr().out
+
+
+def test_missing_checkpoint_gives_the_training_hint(tmp_path):
+    # The real command line, from a folder without output/.
+    result = subprocess.run([sys.executable, str(REPO / "demo.py")], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: no checkpoint found under output/; train one first, "
+                                     "e.g. python main.py -a inception_v3 --dummy --epochs 2")
+
+
+def test_bad_image_path_is_one_line(trained_checkpoint, tmp_path, capsys):
+    missing = tmp_path / "missing.jpg"
+    assert demo.main(["--checkpoint", str(trained_checkpoint), "--image", str(missing)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: image not found: {missing}"
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not a picture")
+    assert demo.main(["--checkpoint", str(trained_checkpoint), "--image", str(not_an_image)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: cannot read image {not_an_image}") and "\n" not in error
+
+
+def test_modelzoo_checkpoint_gets_imagenet_names(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = models.create_model("xception", num_classes=1000)
+    # ModelZoo's layout: DataParallel prefixes, an arch key, no class names or image size.
+    state = {"epoch": 150, "arch": "xception", "best_acc1": 78.8,
+             "state_dict": {f"module.{key}": value for key, value in model.state_dict().items()}}
+    path = tmp_path / "xception_modelzoo.pth.tar"
+    torch.save(state, path)
+    assert demo.main(["--checkpoint", str(path), "--image-size", "64", "--topk", "3"]) == 0
+    rows = top_lines(capsys.readouterr().out)
+    from torchvision.models import Inception_V3_Weights
+    categories = Inception_V3_Weights.IMAGENET1K_V1.meta["categories"]
+    assert len(rows) == 3 and all(name == categories[index] for _, _, name, index in rows)
+
+
+def test_bare_state_dict_needs_the_arch(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "weights.pth"
+    torch.save(models.create_model("xception", num_classes=4).state_dict(), path)
+    assert demo.main(["--checkpoint", str(path)]) == 1
+    assert "give it with -a" in capsys.readouterr().err
+    assert demo.main(["--checkpoint", str(path), "-a", "xception", "--image-size", "64"]) == 0
+    output = capsys.readouterr().out
+    assert "xception, 4 classes" in output
+    assert {row[2] for row in top_lines(output)} <= {f"class {i}" for i in range(4)}
+
+
+def test_wrong_arch_is_refused(trained_checkpoint, capsys):
+    assert demo.main(["--checkpoint", str(trained_checkpoint), "-a", "xception"]) == 1
+    assert "is a checkpoint of inception_v3, but -a is xception" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_topk_must_be_positive(trained_checkpoint, value, capsys):
+    assert demo.main(["--checkpoint", str(trained_checkpoint), "--topk", value]) == 1
+    assert "--topk must be at least 1" in capsys.readouterr().err

@@ -1,0 +1,111 @@
+"""pthtar2onnx.py: both architectures export and match onnxruntime; ModelZoo and bare files."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import models
+import pthtar2onnx
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+SIZE = 80
+DIFFERENCE = re.compile(r"max abs difference ([0-9.e+-]+) \(allowed ([0-9.e+-]+); largest \|logit\| ([0-9.e+-]+)\)")
+
+
+def calibrated_model(arch: str, num_classes: int = 3) -> nn.Module:
+    """A fresh model whose BatchNorm statistics fit its activations, so that eval-mode logits
+    are of ordinary size and the 1e-3 tolerance is tested as an absolute one."""
+    torch.manual_seed(0)
+    model = models.create_model(arch, num_classes=num_classes)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # running statistics := those of the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, SIZE, SIZE))
+    return model.eval()
+
+
+def input_dims(path) -> list:
+    graph = onnx.load(str(path)).graph
+    (tensor,) = graph.input
+    assert tensor.name == "actual_input_1" and [o.name for o in graph.output] == ["output1"]
+    return [dim.dim_param or dim.dim_value for dim in tensor.type.tensor_type.shape.dim]
+
+
+def reported_difference(output: str) -> tuple[float, float, float]:
+    match = DIFFERENCE.search(output)
+    assert match, output
+    return float(match[1]), float(match[2]), float(match[3])
+
+
+@pytest.mark.parametrize("arch", ["inception_v3", "xception"])
+def test_our_checkpoint_exports_and_matches(arch, tmp_path, capsys):
+    model = calibrated_model(arch)
+    # Our schema; Inception's weights include the aux head, which the export must leave out.
+    checkpoint = {"format_version": 1, "arch": arch, "epoch": 1, "state_dict": model.state_dict(),
+                  "num_classes": 3, "class_names": ["a", "b", "c"], "image_size": SIZE, "best_acc1": 0.0}
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save(checkpoint, path)
+    assert pthtar2onnx.main([str(path)]) == 0
+    output = capsys.readouterr().out
+    onnx_path = tmp_path / f"{arch}.onnx"
+    assert onnx_path.is_file()
+    assert input_dims(onnx_path) == ["batch", 3, SIZE, SIZE]  # dynamic batch by default
+    assert onnx.load(str(onnx_path)).opset_import[0].version == 11
+    difference, allowed, largest = reported_difference(output)
+    assert largest < 100 and allowed == pytest.approx(1e-3 * max(1.0, largest), rel=0.1)
+    assert difference <= 1e-3
+    assert "batch of 2" in output  # checked at another batch size than the traced one
+
+
+def test_modelzoo_checkpoint_with_fixed_batch(tmp_path, capsys):
+    model = calibrated_model("xception", num_classes=5)
+    state = {"epoch": 150, "arch": "xception", "best_acc1": 78.8, "optimizer": {},
+             "state_dict": {f"module.{key}": value for key, value in model.state_dict().items()}}
+    path = tmp_path / "model_best.pth.tar"
+    torch.save(state, path)
+    target = tmp_path / "exported" / "xc.onnx"
+    assert pthtar2onnx.main(["--checkpoint", str(path), "--output", str(target), "--batch-size", "1",
+                             "--opset", "13", "--image-size", str(SIZE)]) == 0
+    assert input_dims(target) == [1, 3, SIZE, SIZE]
+    assert onnx.load(str(target)).opset_import[0].version == 13
+    assert reported_difference(capsys.readouterr().out)[0] <= 1e-3
+
+
+def test_bare_state_dict_needs_the_arch(tmp_path, capsys):
+    path = tmp_path / "weights.pth"
+    torch.save(models.create_model("xception", num_classes=3).state_dict(), path)
+    assert pthtar2onnx.main([str(path)]) == 1
+    assert "give it with -a" in capsys.readouterr().err
+    assert pthtar2onnx.main([str(path), "-a", "xception", "--image-size", str(SIZE), "--no-check"]) == 0
+    assert (tmp_path / "xception.onnx").is_file()
+
+
+def test_a_large_difference_fails(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "weights.pth"
+    torch.save(models.create_model("xception", num_classes=3).state_dict(), path)
+    monkeypatch.setattr(pthtar2onnx, "export", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pthtar2onnx, "verify", lambda *args, **kwargs: (0.5, 2.0))
+    assert pthtar2onnx.main([str(path), "-a", "xception", "--image-size", str(SIZE)]) == 1
+    assert "differs from PyTorch by 5.00e-01" in capsys.readouterr().err
+
+
+def test_options_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        pthtar2onnx.main(["x.pth", "--dynamo", "--opset", "11"])
+    assert stop.value.code == 2 and "--dynamo writes opset 18 or newer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pthtar2onnx.main(["x.pth", "--checkpoint", "y.pth"])
+    assert "give the checkpoint once" in capsys.readouterr().err
+
+
+def test_no_checkpoint_gives_the_hint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert pthtar2onnx.main([]) == 1
+    assert "no checkpoint found under output/" in capsys.readouterr().err

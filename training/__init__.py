@@ -1,0 +1,1 @@
+"""The training engine behind main.py: one module per concern (see README)."""

@@ -1,0 +1,254 @@
+"""Command-line options: the parser, its groups, and the checks on their combinations.
+
+Option names follow the ModelZoo scripts (``-a``, ``--data``, ``--warm_up_epochs``,
+``--loss-scale``...) so existing commands keep working. Recipe options default to
+``None`` and are filled from :mod:`training.recipes` by :func:`resolve_recipe`.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import models
+from training.recipes import Recipe, recipe_for
+
+DEVICE_CHOICES = ("auto", "npu", "cuda", "mps", "cpu")
+OPT_LEVELS = ("O0", "O1", "O2", "O3")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _loss_scale(text: str) -> str:
+    if text == "dynamic":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'dynamic', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return text
+
+
+def _arch(text: str) -> str:
+    try:
+        return models.resolve_arch(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", "--data_path", dest="data", metavar="DIR",
+                       help="ImageFolder root holding train/<class>/* and val/<class>/*")
+    group.add_argument("--dummy", action="store_true",
+                       help="train on the embedded synthetic JPEG data set (made once in a cache "
+                            "folder), with a quick low-resolution recipe")
+    group.add_argument("--synthetic", action="store_true",
+                       help="random batches already on the device instead of a data set (measures the "
+                            "training step alone; 1000 classes unless --num-classes)")
+    group.add_argument("--dummy-dir", metavar="DIR", default=None,
+                       help="where --dummy keeps its data set (default: $XDG_CACHE_HOME/inception-xception)")
+    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                       help="data loading processes per device (default: from the CPU count)")
+    group.add_argument("--image-size", type=_positive_int, default=None, metavar="N",
+                       help="training crop size; validation uses Resize(N/0.875)+CenterCrop(N) "
+                            "(default: the model's input size, 299)")
+    group.add_argument("--num-classes", type=_positive_int, default=None, metavar="N",
+                       help="classifier size (default: the number of class folders)")
+    group.add_argument("--strict-data", action="store_true",
+                       help="stop at the first unreadable image instead of skipping and counting it")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("-a", "--arch", type=_arch, default="inception_v3", metavar="ARCH",
+                       help="architecture: " + ", ".join(models.list_models()))
+    group.add_argument("--pretrained", metavar="FILE", default=None,
+                       help="initial weights from a local file (state dict, or a checkpoint of "
+                            "ours or ModelZoo's); heads are re-initialised if the class count differs")
+    group.add_argument("--aux-loss-weight", type=_non_negative_float, default=None, metavar="W",
+                       help="weight of Inception's auxiliary loss; 0 turns the aux head off (recipe: 0.4)")
+    group.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                       help="keep NCHW memory format (channels_last is faster on GPUs and NPUs)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (compile time is reported separately)")
+
+
+def _add_optimisation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimisation (unset values come from the recipe of -a)")
+    group.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
+                       help="total epochs (recipe: 240 inception_v3, 150 xception)")
+    group.add_argument("--start-epoch", type=int, default=None, metavar="N",
+                       help="epoch to start at (default 0, or the resumed checkpoint's)")
+    group.add_argument("-b", "--batch-size", type=_positive_int, default=None, metavar="N",
+                       help="batch size PER DEVICE; the global batch is N x world size "
+                            "(recipe: 256 inception_v3, 128 xception)")
+    group.add_argument("--lr", "--learning-rate", dest="lr", type=_non_negative_float, default=None,
+                       metavar="LR", help="peak learning rate, not rescaled for the world size "
+                                          "(recipe: 0.045/1.2 inception_v3, 0.1/0.8 xception on 1/8 devices)")
+    group.add_argument("--momentum", type=_non_negative_float, default=None, metavar="M",
+                       help="SGD momentum (recipe: 0.9)")
+    group.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_non_negative_float,
+                       default=None, metavar="WD", help="weight decay (recipe: see README)")
+    group.add_argument("--no-bn-weight-decay", action="store_true",
+                       help="no weight decay on BatchNorm parameters and biases")
+    group.add_argument("--label-smoothing", type=_non_negative_float, default=None, metavar="E",
+                       help="label smoothing epsilon, 0 allowed (recipe: 0.1)")
+    group.add_argument("--warm_up_epochs", "--warmup-epochs", dest="warm_up_epochs",
+                       type=_non_negative_float, default=None, metavar="N",
+                       help="linear warm-up epochs before the schedule (recipe: 0 inception_v3 1p, 5 otherwise)")
+    group.add_argument("--lr-schedule", choices=("cosine", "step"), default=None,
+                       help="decay after warm-up (recipe: cosine)")
+    group.add_argument("--lr-step-epochs", type=_positive_int, default=30, metavar="N",
+                       help="step schedule: decay every N epochs")
+    group.add_argument("--lr-gamma", type=_non_negative_float, default=0.1, metavar="G",
+                       help="step schedule: decay factor")
+    group.add_argument("--clip-grad", type=_non_negative_float, default=None, metavar="NORM",
+                       help="clip the gradient norm to NORM")
+    group.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
+                       help="stop each training epoch after N steps (performance runs)")
+
+
+def _add_precision_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("precision")
+    group.add_argument("--amp", action="store_true",
+                       help="mixed precision: fp16 with loss scaling on NPU/CUDA, bf16 on CPU")
+    group.add_argument("--amp-dtype", choices=("auto", "float16", "bfloat16"), default="auto",
+                       help="autocast dtype for --amp")
+    group.add_argument("--opt-level", choices=OPT_LEVELS, default="O2",
+                       help="apex-style level: O0 disables --amp; with --apex it goes to amp.initialize")
+    group.add_argument("--loss-scale", type=_loss_scale, default=None, metavar="S|dynamic",
+                       help="fp16 loss scale: a fixed number or 'dynamic' (recipe: 128 inception_v3, "
+                            "1024 xception)")
+    group.add_argument("--apex", action="store_true",
+                       help="use apex amp.initialize instead of torch.amp (needs apex installed)")
+
+
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                       help="auto picks npu, then cuda, then mps, then cpu")
+    group.add_argument("--gpu", "--npu", dest="device_id", type=int, default=None, metavar="ID",
+                       help="device index for a single-process run (default: the local rank)")
+    group.add_argument("--npu-binary-kernels", action="store_true",
+                       help="NPU: use pre-compiled binary kernels (set_compile_mode(jit_compile=False))")
+
+
+def _add_distributed_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "distributed (torchrun sets these through the environment; the ModelZoo "
+        "--multiprocessing-distributed way is kept)")
+    group.add_argument("--dist-backend", default=None,
+                       help="process group backend (default: hccl on NPU, nccl on CUDA, gloo on CPU)")
+    group.add_argument("--dist-timeout", type=_positive_int, default=600, metavar="SEC",
+                       help="a collective that waits longer than this fails the job instead of hanging")
+    group.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across devices")
+    group.add_argument("--multiprocessing-distributed", action="store_true",
+                       help="spawn one process per device of --device_list on this node")
+    group.add_argument("--device_list", "--device-list", dest="device_list", default=None, metavar="IDS",
+                       help="comma-separated device ids for --multiprocessing-distributed (e.g. 0,1,2,3)")
+    group.add_argument("--world-size", type=_positive_int, default=1, metavar="NODES",
+                       help="with --multiprocessing-distributed: number of nodes")
+    group.add_argument("--rank", type=int, default=0, metavar="NODE",
+                       help="with --multiprocessing-distributed: this node's rank")
+    group.add_argument("--dist-url", default=None, metavar="URL",
+                       help="rendezvous URL, e.g. tcp://10.0.0.1:29500 (default from --addr/--port)")
+    group.add_argument("--addr", default="127.0.0.1", help="master address for --multiprocessing-distributed")
+    group.add_argument("--port", type=int, default=29500, help="master port for --multiprocessing-distributed")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--output_dir", "--output-dir", dest="output_dir", default="output", metavar="DIR",
+                       help="checkpoints, metrics.jsonl, args.json and TensorBoard logs")
+    group.add_argument("--resume", default=None, metavar="FILE|auto",
+                       help="continue from a checkpoint; 'auto' picks the newest valid one in --output_dir "
+                            "(and starts fresh if there is none)")
+    group.add_argument("-e", "--evaluate", action="store_true",
+                       help="validate only (with --resume or --pretrained) and print Acc@1/Acc@5")
+    group.add_argument("-p", "--print-freq", type=_positive_int, default=None, metavar="N",
+                       help="log every N steps (recipe: 10)")
+    group.add_argument("--fps-warmup-steps", type=int, default=5, metavar="N",
+                       help="steps of each epoch left out of the FPS figure")
+    group.add_argument("--seed", type=int, default=None, help="seed for a reproducible run")
+    group.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto",
+                       help="progress bar on a terminal, plain log lines otherwise")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="main.py", formatter_class=_Formatter,
+        description="Train or evaluate Inception v3 / Xception on an ImageFolder data set "
+                    "(Ascend NPU, NVIDIA GPU, Apple MPS or CPU, picked automatically).",
+        epilog="examples:\n"
+               "  python main.py -a xception --dummy --epochs 2\n"
+               "  python main.py -a inception_v3 --data /data/imagenet --amp\n"
+               "  torchrun --nproc_per_node 8 main.py -a inception_v3 --data /data/imagenet --amp\n"
+               "  python main.py -a inception_v3 --data /data/imagenet -e --resume output/model_best.pth.tar")
+    for add in (_add_data_options, _add_model_options, _add_optimisation_options,
+                _add_precision_options, _add_device_options, _add_distributed_options, _add_run_options):
+        add(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_combinations(parser, args)
+    return args
+
+
+def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    sources = [name for name, given in (("--data", args.data is not None), ("--dummy", args.dummy),
+                                        ("--synthetic", args.synthetic)) if given]
+    if not sources:
+        parser.error("give the data set with --data DIR (train/ and val/ inside), or --dummy")
+    if len(sources) > 1:
+        parser.error(f"{' and '.join(sources)} exclude each other")
+    if args.evaluate and not (args.resume or args.pretrained):
+        parser.error("--evaluate needs weights: --resume FILE or --pretrained FILE")
+    if args.evaluate and args.resume == "auto":
+        parser.error("--evaluate needs an explicit --resume FILE, not 'auto'")
+    if args.multiprocessing_distributed and not args.device_list:
+        parser.error("--multiprocessing-distributed needs --device_list, e.g. --device_list 0,1,2,3")
+    if args.device_list:
+        try:
+            args.device_list = [int(part) for part in args.device_list.split(",") if part.strip()]
+        except ValueError:
+            parser.error(f"--device_list must be comma-separated integers, got {args.device_list!r}")
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    if args.fps_warmup_steps < 0:
+        parser.error(f"--fps-warmup-steps must be >= 0, got {args.fps_warmup_steps}")
+    minimum = models.preprocess_config(args.arch).min_input_size
+    if args.image_size is not None and args.image_size < minimum:
+        parser.error(f"--image-size {args.image_size} is below {args.arch}'s minimum input size {minimum}")
+
+
+def resolve_recipe(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Fill every recipe option left unset with the recipe of ``args.arch``."""
+    recipe = recipe_for(args.arch, world_size, dummy=args.dummy)
+    for field in fields(Recipe):
+        if getattr(args, field.name, None) is None:
+            setattr(args, field.name, getattr(recipe, field.name))
+    if args.start_epoch is None:
+        args.start_epoch = 0
+    return args

@@ -1,0 +1,146 @@
+"""Mixed precision, decided once: the autocast context and the gradient-scaling path.
+
+The training loop calls ``precision.autocast()``, ``precision.backward(loss)``,
+``precision.unscale(optimizer)`` and ``precision.step(optimizer)`` and never asks which
+kind it has. Three kinds exist:
+
+* full precision (no ``--amp``, or ``--opt-level O0``);
+* native ``torch.amp``: fp16 with a GradScaler (static scale: fixed ``--loss-scale``;
+  ``dynamic``: grows and backs off, skipping overflowing steps), or bf16 without scaling;
+* apex ``amp.initialize`` when ``--apex`` is given and apex is importable (otherwise a
+  warning, and native torch.amp with the same settings).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+import torch
+
+from training import device as devices
+
+log = logging.getLogger(__name__)
+
+_STATIC_GROWTH_INTERVAL = 2**31 - 1  # a static scale never grows
+
+
+@dataclass
+class Precision:
+    """What the loop needs to run one precision mode; built by :func:`build_precision`."""
+
+    description: str
+    autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+    scaler: Any = None  # torch.amp.GradScaler when fp16 scaling is on
+    dynamic_scale: bool = False
+    apex_amp: Any = None  # the apex.amp module when apex drives the precision
+
+    @property
+    def skips_nonfinite_steps(self) -> bool:
+        """True when an overflowing step is skipped rather than a reason to stop."""
+        return self.dynamic_scale
+
+    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.apex_amp is not None:
+            with self.apex_amp.scale_loss(loss, optimizer) as scaled:
+                scaled.backward()
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring gradients to their true scale (before clipping)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def clip_parameters(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        if self.apex_amp is not None:
+            return self.apex_amp.master_params(optimizer)
+        return model.parameters()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self) -> dict[str, Any] | None:
+        if self.scaler is not None:
+            return self.scaler.state_dict()
+        if self.apex_amp is not None:
+            return self.apex_amp.state_dict()
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            return
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state)
+        elif self.apex_amp is not None:
+            self.apex_amp.load_state_dict(state)
+
+
+def resolve_dtype(device_type: str, requested: str) -> torch.dtype:
+    """fp16 on NPU/CUDA (the ModelZoo recipes' numerics), bf16 on CPU and MPS."""
+    if requested == "float16":
+        return torch.float16
+    if requested == "bfloat16":
+        if not devices.supports_bf16(device_type):
+            raise ValueError(f"--amp-dtype bfloat16 is not supported on {device_type}")
+        return torch.bfloat16
+    return torch.float16 if device_type in ("npu", "cuda") else torch.bfloat16
+
+
+def build_precision(device_type: str, *, amp: bool, amp_dtype: str = "auto", opt_level: str = "O2",
+                    loss_scale: str = "dynamic", use_apex: bool = False) -> Precision:
+    """Decide the precision mode once, from the options."""
+    if not amp or opt_level == "O0":
+        return Precision(description="fp32")
+    if use_apex:
+        apex_amp = _import_apex_amp()
+        if apex_amp is not None:
+            return Precision(description=f"apex amp {opt_level}, loss scale {loss_scale}",
+                             apex_amp=apex_amp, dynamic_scale=loss_scale == "dynamic")
+        log.warning("--apex asked for, but apex is not installed: using torch.amp with the same "
+                    "settings instead")
+    dtype = resolve_dtype(device_type, amp_dtype)
+    autocast = _autocast_factory(device_type, dtype)
+    if dtype != torch.float16:
+        return Precision(description=f"autocast {_short(dtype)}", autocast=autocast)
+    dynamic = loss_scale == "dynamic"
+    scaler = (devices.grad_scaler(device_type) if dynamic else
+              devices.grad_scaler(device_type, init_scale=float(loss_scale), growth_factor=1.0,
+                                  backoff_factor=1.0, growth_interval=_STATIC_GROWTH_INTERVAL))
+    scale_text = "dynamic loss scale" if dynamic else f"static loss scale {float(loss_scale):g}"
+    return Precision(description=f"autocast fp16, {scale_text}", autocast=autocast, scaler=scaler,
+                     dynamic_scale=dynamic)
+
+
+def _autocast_factory(device_type: str, dtype: torch.dtype) -> Callable[[], ContextManager[Any]]:
+    def autocast() -> ContextManager[Any]:
+        return torch.autocast(device_type=device_type, dtype=dtype)
+    return autocast
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def _import_apex_amp() -> Any | None:
+    try:
+        return importlib.import_module("apex.amp")
+    except ImportError:
+        return None
+
+
+def initialize_apex(precision: Precision, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    opt_level: str, loss_scale: str):
+    """apex wants to wrap the model and optimizer itself; a no-op for other modes."""
+    if precision.apex_amp is None:
+        return model, optimizer
+    scale: Any = "dynamic" if loss_scale == "dynamic" else float(loss_scale)
+    return precision.apex_amp.initialize(model, optimizer, opt_level=opt_level, loss_scale=scale)

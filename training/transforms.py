@@ -1,0 +1,270 @@
+"""Image transforms run in DataLoader workers: one decode and one resize per image, uint8 out.
+
+``TrainTransform`` and ``EvalTransform`` keep the augmentation of the classic torchvision
+recipe (``RandomResizedCrop`` + ``RandomHorizontalFlip``, ``Resize`` + ``CenterCrop``),
+with the same crop sampling and the same torch RNG draws, but do less work per image:
+
+* the crop box is computed on the *undecoded* image (``Image.open`` is lazy), so a JPEG
+  much larger than the crop is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (``draft``),
+  never below the output resolution;
+* crop and resize are one ``Image.resize(..., box=...)`` call;
+* the result stays uint8 (``ToTensor``/``Normalize`` move to the device, see
+  ``training.data.DeviceLoader``), so workers ship 4x fewer bytes.
+
+Colour modes: every image comes out RGB. ``L`` and ``RGB`` images are resized as they are
+(resizing ``L`` then replicating it to RGB is exact); every other mode (palette, CMYK,
+``1``, ``I;16``, ``LA``/``RGBA``/``PA`` ...) is first converted with ``convert("RGB")``,
+exactly what torchvision's ImageFolder loader does. That **drops alpha** without
+compositing: a transparent pixel shows whatever colour it stores, as in the classic
+pipeline, so both pipelines see the same pixels.
+
+The ``classic_*`` builders are the plain torchvision baseline (float, normalised, in the
+worker) that ``bench/`` measures against and the tests compare with.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+_DRAFT_SCALES = (8, 4, 2)  # the DCT reductions libjpeg offers, largest first
+_RESIZE_AS_IS = ("RGB", "L")  # modes that resize correctly without a conversion first
+
+# Pillow's reducing_gap: shrink by an integer factor with a box filter first when the
+# remaining downscale is at least this large. 3.0 is indistinguishable from a full
+# resample (Pillow docs); after draft decoding it only triggers on very large crops.
+DEFAULT_REDUCING_GAP = 3.0
+
+
+def resample_filter(interpolation: str) -> Image.Resampling:
+    """Pillow filter for an interpolation name (torchvision ``InterpolationMode`` value)."""
+    try:
+        return _RESAMPLE[interpolation.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown interpolation {interpolation!r} (choose from {', '.join(_RESAMPLE)})"
+        ) from None
+
+
+def random_resized_crop_params(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """Crop ``(top, left, height, width)`` sampled like ``RandomResizedCrop.get_params``.
+
+    Same torch RNG calls in the same order with the same float32 arithmetic, so a given
+    RNG state yields the crop torchvision would pick (the tests check this).
+    """
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+            return top, left, h, w
+    # Fallback: the central crop with the aspect ratio clamped into ``ratio``.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _draft_scale(crop_w: float, crop_h: float, out_w: int, out_h: int) -> int:
+    """Largest JPEG DCT reduction that still leaves the crop at least ``out`` pixels."""
+    for s in _DRAFT_SCALES:
+        if crop_w >= out_w * s and crop_h >= out_h * s:
+            return s
+    return 1
+
+
+def _crop_resize(
+    img: Image.Image,
+    box: tuple[float, float, float, float],
+    size: int,
+    resample: Image.Resampling,
+    reducing_gap: float | None,
+) -> Image.Image:
+    """Decode ``img`` (reduced when allowed), resize ``box`` (original pixels) to size x size, RGB."""
+    left, top, right, bottom = box
+    s = _draft_scale(right - left, bottom - top, size, size)
+    if s > 1:
+        width = img.size[0]
+        # Only JPEG (and MPO) decoders act on draft; other formats return None. Asking for
+        # (W // s, H // s) makes Pillow pick exactly scale s (W // (W // s) is in [s, 2s)).
+        drafted = img.draft("RGB", (img.size[0] // s, img.size[1] // s))
+        if drafted is not None:
+            # Reduced pixel k covers original pixels [k*s, (k+1)*s): coordinates scale by 1/s.
+            factor = drafted[1][2] / width
+            box = (left * factor, top * factor, right * factor, bottom * factor)
+    if img.mode not in _RESIZE_AS_IS:
+        img = img.convert("RGB")  # before resizing: palette/1 would resize as NEAREST, RGBA premultiplied
+    out = img.resize((size, size), resample, box=box, reducing_gap=reducing_gap)
+    return out if out.mode == "RGB" else out.convert("RGB")
+
+
+def _to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    """CHW uint8 view of the image's HWC bytes: no copy beyond Pillow's ``tobytes``.
+
+    The tensor views read-only memory and has channels-last strides; ``collate_batch``
+    stacks it into a contiguous NHWC batch. Clone it before writing to it in place.
+    """
+    array = np.asarray(img)  # H x W x 3, backed by an immutable bytes object
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+
+class TrainTransform:
+    """RandomResizedCrop + RandomHorizontalFlip on a lazily opened PIL image -> uint8 CHW.
+
+    Args:
+        image_size: output side (square crops).
+        interpolation: resize filter name (``bilinear``, ``bicubic`` ...).
+        scale, ratio: as ``torchvision.transforms.RandomResizedCrop``.
+        hflip: probability of a horizontal flip.
+        reducing_gap: Pillow ``reducing_gap`` (None: always a full resample).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        interpolation: str = "bilinear",
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        reducing_gap: float | None = DEFAULT_REDUCING_GAP,
+    ) -> None:
+        self.image_size = int(image_size)
+        self.interpolation = interpolation
+        self.resample = resample_filter(interpolation)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.hflip = float(hflip)
+        self.reducing_gap = reducing_gap
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        width, height = img.size
+        top, left, h, w = random_resized_crop_params(width, height, self.scale, self.ratio)
+        out = _crop_resize(img, (left, top, left + w, top + h), self.image_size,
+                           self.resample, self.reducing_gap)
+        if torch.rand(1) < self.hflip:  # the draw RandomHorizontalFlip makes, after the crop's
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return _to_uint8_chw(out)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(image_size={self.image_size}, interpolation={self.interpolation!r}, "
+                f"scale={self.scale}, ratio={self.ratio}, hflip={self.hflip})")
+
+
+def eval_crop_box(width: int, height: int, image_size: int, resize_size: int) -> tuple[float, float, float, float]:
+    """The region of the original image that Resize(resize_size) + CenterCrop(image_size) keeps.
+
+    Reproduces torchvision's integer sizes (long side ``int(resize * long / short)``,
+    crop offset ``round((new - crop) / 2)``) and maps them back to original pixels, so
+    one ``resize(box=...)`` samples exactly the pixels the two-step version does.
+    """
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = resize_size, int(resize_size * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    left = int(round((new_w - image_size) / 2.0))
+    top = int(round((new_h - image_size) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    return (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
+
+
+class EvalTransform:
+    """Resize(resize_size) (short side) + CenterCrop(image_size) as one box resize -> uint8 CHW."""
+
+    def __init__(
+        self,
+        image_size: int,
+        resize_size: int,
+        interpolation: str = "bilinear",
+        reducing_gap: float | None = DEFAULT_REDUCING_GAP,
+    ) -> None:
+        if resize_size < image_size:
+            raise ValueError(f"eval resize {resize_size} is smaller than the crop {image_size}")
+        self.image_size = int(image_size)
+        self.resize_size = int(resize_size)
+        self.interpolation = interpolation
+        self.resample = resample_filter(interpolation)
+        self.reducing_gap = reducing_gap
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        box = eval_crop_box(*img.size, self.image_size, self.resize_size)
+        return _to_uint8_chw(_crop_resize(img, box, self.image_size, self.resample, self.reducing_gap))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(image_size={self.image_size}, resize_size={self.resize_size}, "
+                f"interpolation={self.interpolation!r})")
+
+
+class ToRGB:
+    """``img.convert("RGB")``, the conversion torchvision's ImageFolder loader applies."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _interpolation_mode(interpolation: str):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(interpolation.lower())
+
+
+def classic_train_transform(
+    image_size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    interpolation: str = "bilinear",
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+):
+    """The baseline: PIL -> RGB -> RandomResizedCrop -> flip -> ToTensor -> Normalize (float CHW)."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        ToRGB(),
+        T.RandomResizedCrop(image_size, scale=scale, ratio=ratio,
+                            interpolation=_interpolation_mode(interpolation)),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def classic_eval_transform(
+    image_size: int,
+    resize_size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    interpolation: str = "bilinear",
+):
+    """The baseline: PIL -> RGB -> Resize(short side) -> CenterCrop -> ToTensor -> Normalize."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        ToRGB(),
+        T.Resize(resize_size, interpolation=_interpolation_mode(interpolation)),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
