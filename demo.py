@@ -132,21 +132,19 @@ def load_image(path: Path, image_size: int, preprocess: models.PreprocessConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", metavar="FILE", default=None,
                         help=f"checkpoint or state dict (default: the newest under {DEFAULT_SEARCH_DIR}/)")
     parser.add_argument("--image", metavar="FILE", default=str(DEFAULT_IMAGE.relative_to(HERE)),
-                        help="image to classify (a relative default is found next to demo.py)")
+                        help="image to classify (default: demo/sample.jpg next to demo.py)")
     parser.add_argument("-a", "--arch", default=None,
                         help="architecture (default: the checkpoint's; needed for bare state dicts): "
                              + ", ".join(models.list_models()))
-    parser.add_argument("--topk", type=int, default=5, metavar="K", help="how many classes to print")
+    parser.add_argument("--topk", type=int, default=5, metavar="K", help="how many classes to print (default: 5)")
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
                         help="crop size (default: the checkpoint's training size, else the model's)")
     parser.add_argument("--device", choices=("auto", "npu", "cuda", "mps", "cpu"), default="auto",
-                        help="auto picks npu, then cuda, then mps, then cpu")
+                        help="device; auto (default) picks npu, then cuda, then mps, then cpu")
     return parser
 
 

@@ -28,9 +28,7 @@ DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter does not write older op
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", nargs="?", default=None, metavar="CHECKPOINT",
                         help="checkpoint or state dict (default: the newest under output/)")
     parser.add_argument("--checkpoint", dest="checkpoint", default=None, metavar="FILE",
@@ -44,13 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
                         help="input height and width (default: the checkpoint's training size, "
                              "else the model's)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset version (default: {DEFAULT_OPSET}, as ModelZoo)")
     parser.add_argument("--dynamo", action="store_true",
                         help=f"use the torch.export-based exporter (needs --opset >= {DYNAMO_MIN_OPSET}) "
                              "instead of the TorchScript one")
     parser.add_argument("--tolerance", type=float, default=1e-3, metavar="T",
                         help="largest accepted |onnxruntime - PyTorch| on the logits, "
-                             "times the largest |logit| when that is above 1")
+                             "times the largest |logit| when that is above 1 (default: 1e-3)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the onnx checker and the onnxruntime comparison")
     return parser
@@ -78,10 +76,11 @@ def export(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int,
         raise DemoError(f"--dynamo needs torch >= 2.5 (this is {torch.__version__})")
     exporter = {"dynamo": dynamo} if has_choice else {}
     with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of dynamo=True, which cannot write
-        # opset 11 (ModelZoo's) yet; the warning would only confuse.
+        # The TorchScript exporter warns that it is deprecated, but it is the one that writes
+        # opset 11 (ModelZoo's; dynamo=True cannot): nothing for the user to act on.
         warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
         warnings.filterwarnings("ignore", message="The feature will be removed")
+        warnings.filterwarnings("ignore", message=".*'dynamic_axes' is not recommended when dynamo=True")
         torch.onnx.export(model, (sample,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           opset_version=opset, dynamic_axes=dynamic_axes, do_constant_folding=True,
                           **exporter)

@@ -195,7 +195,10 @@ class MemorySampler:
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "MemorySampler":
-        self.peak = self._sample()
+        try:
+            self.peak = self._sample()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
         self._thread.start()
         return self
 

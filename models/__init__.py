@@ -26,6 +26,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_weights",
+    "model_options",
     "preprocess_config",
     "resolve_arch",
 ]

@@ -199,7 +199,6 @@ class InceptionV3(nn.Module):
 
     arch = "inception_v3"
     preprocess: PreprocessConfig = INCEPTION_V3
-    min_input_size = INCEPTION_V3.min_input_size
     # Parameter prefixes of the classifier heads, re-initialised when fine-tuning to new classes.
     classifier_names = ("fc", "AuxLogits.fc")
     # Optional parts: weights for them are dropped when the model was built without them.
@@ -278,7 +277,7 @@ class InceptionV3(nn.Module):
         return torch.cat(channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | InceptionOutputs:
-        check_input_size(x, self.min_input_size, self.arch)
+        check_input_size(x, self.preprocess.min_input_size, self.arch)
         if self.transform_input:
             x = self._transform_input(x)
         # Shapes for a N x 3 x 299 x 299 input.

@@ -77,7 +77,3 @@ def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     """
     edge = _TWO_SIGMA_MASS
     return tensor.uniform_(-edge, edge).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(-2.0 * std, 2.0 * std)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

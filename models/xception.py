@@ -81,7 +81,6 @@ class Xception(nn.Module):
 
     arch = "xception"
     preprocess: PreprocessConfig = XCEPTION
-    min_input_size = XCEPTION.min_input_size
     classifier_names = ("fc",)
     optional_names: tuple[str, ...] = ()
 
@@ -131,7 +130,7 @@ class Xception(nn.Module):
         self.fc.reset_parameters()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.min_input_size, self.arch)
+        check_input_size(x, self.preprocess.min_input_size, self.arch)
         # Shapes for a N x 3 x 299 x 299 input.
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)  # N x 32 x 149 x 149
         x = F.relu(self.bn2(self.conv2(x)), inplace=True)  # N x 64 x 147 x 147

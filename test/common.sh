@@ -249,7 +249,7 @@ mz_summary() {
 mz_main() {
     mz_parse_args "$@"
     mz_check_options
-    # shellcheck source=test/env_npu.sh
+    # shellcheck source=SCRIPTDIR/env_npu.sh
     source "$MZ_TEST_DIR/env_npu.sh"
     MZ_DEVICE_ID=$(mz_opt device_id "${ASCEND_DEVICE_ID:-0}")
     mz_main_args

@@ -2,7 +2,7 @@
 # Validation of a checkpoint (--resume_pth) on the 8 devices of this machine with torchrun.
 # Usage: bash test/train_eval_8p.sh --data_path=DIR [--key=value ...] [-- main.py options]
 set -euo pipefail
-# shellcheck source=test/common.sh
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 MZ_LAUNCH="local"

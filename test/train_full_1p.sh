@@ -2,7 +2,7 @@
 # Full training on one device (the recipe's epochs, mixed precision).
 # Usage: bash test/train_full_1p.sh --data_path=DIR [--key=value ...] [-- main.py options]
 set -euo pipefail
-# shellcheck source=test/common.sh
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 MZ_LAUNCH="single"

@@ -2,7 +2,7 @@
 # Full training on the 8 devices of this machine with torchrun (RANK_SIZE or --nproc: another count).
 # Usage: bash test/train_full_8p.sh --data_path=DIR [--key=value ...] [-- main.py options]
 set -euo pipefail
-# shellcheck source=test/common.sh
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 MZ_LAUNCH="local"

@@ -2,7 +2,7 @@
 # Throughput on one device: one epoch cut to 1000 steps, mixed precision.
 # Usage: bash test/train_performance_1p.sh --data_path=DIR [--key=value ...] [-- main.py options]
 set -euo pipefail
-# shellcheck source=test/common.sh
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 MZ_LAUNCH="single"

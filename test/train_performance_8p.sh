@@ -2,7 +2,7 @@
 # Throughput on the 8 devices of this machine: one epoch cut to 1000 steps, mixed precision.
 # Usage: bash test/train_performance_8p.sh --data_path=DIR [--key=value ...] [-- main.py options]
 set -euo pipefail
-# shellcheck source=test/common.sh
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 MZ_LAUNCH="local"

@@ -2,7 +2,7 @@
 # Throughput across machines: run it on every node with its --node_rank; one epoch cut to 1000 steps.
 # Usage: bash test/train_performance_multinodes.sh --data_path=DIR [--key=value ...] [-- main.py options]
 set -euo pipefail
-# shellcheck source=test/common.sh
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 MZ_LAUNCH="multinode"

@@ -24,10 +24,11 @@ def calibrated_model(arch: str, num_classes: int = 3) -> nn.Module:
     model = models.create_model(arch, num_classes=num_classes)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None  # running statistics := those of the calibration batch
+            module.momentum = None  # running statistics: the average over the calibration batches
     model.train()
     with torch.no_grad():
-        model(torch.randn(4, 3, SIZE, SIZE))
+        for _ in range(2):
+            model(torch.randn(8, 3, SIZE, SIZE))
     return model.eval()
 
 

@@ -154,6 +154,7 @@ def evaluate(model: nn.Module, loader: Any, criterion: Callable, precision: Prec
     numbers of batches, and DDP's forward would wait for the others.
     """
     model.eval()
+    started = time.perf_counter()
     steps = len(loader)
     sums, clock = RunningSums(settings.device), StepClock(settings.device)
     progress = Progress(settings.progress, settings.show_progress)
@@ -173,7 +174,8 @@ def evaluate(model: nn.Module, loader: Any, criterion: Callable, precision: Prec
     totals = sums.read(across_ranks=True)
     log.info(accuracy_summary(totals["acc1"], totals["acc5"]))
     return {"val_loss": totals["loss"], "val_acc1": totals["acc1"], "val_acc5": totals["acc5"],
-            "val_images": totals["count"], "val_skipped_images": _count_across_ranks(len(skipped), settings)}
+            "val_images": totals["count"], "val_skipped_images": _count_across_ranks(len(skipped), settings),
+            "val_time": time.perf_counter() - started}
 
 
 def _count_across_ranks(count: int, settings: LoopSettings) -> int:

@@ -35,6 +35,7 @@ class Precision:
     autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext
     scaler: Any = None  # torch.amp.GradScaler when fp16 scaling is on
     dynamic_scale: bool = False
+    static_scale: float | None = None  # the fixed fp16 loss scale, re-set after every step
     apex_amp: Any = None  # the apex.amp module when apex drives the precision
 
     @property
@@ -64,7 +65,7 @@ class Precision:
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None:
             self.scaler.step(optimizer)
-            self.scaler.update()
+            self.scaler.update(self.static_scale)
         else:
             optimizer.step()
 
@@ -111,13 +112,15 @@ def build_precision(device_type: str, *, amp: bool, amp_dtype: str = "auto", opt
     autocast = _autocast_factory(device_type, dtype)
     if dtype != torch.float16:
         return Precision(description=f"autocast {_short(dtype)}", autocast=autocast)
-    dynamic = loss_scale == "dynamic"
-    scaler = (devices.grad_scaler(device_type) if dynamic else
-              devices.grad_scaler(device_type, init_scale=float(loss_scale), growth_factor=1.0,
-                                  backoff_factor=1.0, growth_interval=_STATIC_GROWTH_INTERVAL))
-    scale_text = "dynamic loss scale" if dynamic else f"static loss scale {float(loss_scale):g}"
-    return Precision(description=f"autocast fp16, {scale_text}", autocast=autocast, scaler=scaler,
-                     dynamic_scale=dynamic)
+    if loss_scale == "dynamic":
+        return Precision(description="autocast fp16, dynamic loss scale", autocast=autocast,
+                         scaler=devices.grad_scaler(device_type), dynamic_scale=True)
+    # A static scale: overflowing steps are still skipped (as apex does), but the scale is
+    # put back after each step instead of backing off.
+    scale = float(loss_scale)
+    scaler = devices.grad_scaler(device_type, init_scale=scale, growth_interval=_STATIC_GROWTH_INTERVAL)
+    return Precision(description=f"autocast fp16, static loss scale {scale:g}", autocast=autocast,
+                     scaler=scaler, static_scale=scale)
 
 
 def _autocast_factory(device_type: str, dtype: torch.dtype) -> Callable[[], ContextManager[Any]]:

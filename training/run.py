@@ -158,7 +158,8 @@ class Run:
 
     def _model(self, num_classes: int) -> nn.Module:
         args = self.args
-        options = {"aux_logits": args.aux_loss_weight > 0} if args.arch == "inception_v3" else {}
+        has_aux_head = "aux_logits" in models.model_options(args.arch)
+        options = {"aux_logits": args.aux_loss_weight > 0} if has_aux_head else {}
         weights = args.pretrained if not args.resume else None
         model = models.create_model(args.arch, num_classes=num_classes, weights=weights, **options)
         if args.sync_bn and self.info.enabled:

@@ -1,0 +1,298 @@
+"""Distributed runs on CPU (gloo, 127.0.0.1): torchrun, two "nodes", the ModelZoo
+``--multiprocessing-distributed`` way, exact distributed validation, and faults.
+
+Every test launches real processes (``python -m torch.distributed.run ... main.py``), so
+each one takes tens of seconds on two cores; the settings are the tiniest that still
+train (75-pixel images, 2 images per device, 2 steps).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import models
+from conftest import REPO, TINY_IMAGE_SIZE, free_port, metrics_of, run_main
+from training import checkpoint as checkpoints
+from training.data import DeviceLoader, build_datasets, build_loader
+from training.distributed import DistInfo
+from training.metrics import setup_logging
+from training.options import parse_args
+from training.run import Run
+
+LAUNCH_TIMEOUT = 300  # seconds; a launch normally takes 15-60 s on two busy cores
+
+
+def tiny_args(data: Path, output: Path, arch: str = "xception", *extra: str) -> list[str]:
+    """main.py options for a run of two 2-image steps per device (lr kept small: no NaN)."""
+    return ["-a", arch, "--data", str(data), "--output_dir", str(output), "--image-size", str(TINY_IMAGE_SIZE),
+            "-b", "2", "--workers", "0", "--max-steps", "2", "--epochs", "1", "--seed", "0", "--lr", "0.01",
+            "--warm_up_epochs", "0", "--print-freq", "1", "--progress", "lines", *extra]
+
+
+def torchrun_command(*main_args: str, nproc: int = 2, rendezvous: tuple[str, ...] = ("--standalone",)) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *rendezvous,
+            "main.py", *[str(a) for a in main_args]]
+
+
+def launch(command: list[str], log: Path) -> subprocess.Popen:
+    """Start ``command`` in the repository root, stdout and stderr to ``log``."""
+    # Several processes share two cores: one intra-op thread each avoids oversubscription.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as stream:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -> str:
+    """Wait for ``process`` (killing it after ``timeout``) and return its output."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(process)
+        pytest.fail(f"still running after {timeout}s:\n{log.read_text()[-4000:]}")
+    return log.read_text()
+
+
+def run_to_end(command: list[str], log: Path) -> tuple[int, str]:
+    process = launch(command, log)
+    output = finish(process, log)
+    return process.returncode, output
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.kill()
+    process.wait()
+
+
+def worker_of(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    """The training process of global ``rank`` among the launcher's descendants."""
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.Error:  # exited meanwhile, or not readable
+            continue
+    raise AssertionError(f"no worker with RANK={rank} under pid {launcher.pid}")
+
+
+def wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -> None:
+    """Wait until ``path`` exists while ``process`` runs."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"exited ({process.returncode}) before {path.name} appeared:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            _kill_tree(process)
+            pytest.fail(f"{path.name} did not appear within {timeout}s")
+        time.sleep(0.1)
+
+
+def assert_rank0_outputs(output: Path) -> None:
+    """One set of outputs, written by rank 0 alone: no duplicate TensorBoard files."""
+    names = sorted(p.name for p in output.iterdir() if not p.name.startswith("."))
+    boards = [n for n in names if n.startswith("events.out.tfevents")]
+    assert {"args.json", "metrics.jsonl", checkpoints.LAST_NAME, checkpoints.BEST_NAME} <= set(names), names
+    assert len(boards) <= 1, names
+    assert len(metrics_of(output)) == 1  # one record per epoch, not one per rank
+
+
+def single_process_evaluation(data: Path, checkpoint: Path, output: Path, arch: str, *extra: str) -> dict:
+    result = run_main("-a", arch, "--data", data, "--image-size", TINY_IMAGE_SIZE, "-b", "4", "-j", "0",
+                      "-e", "--resume", checkpoint, "--output_dir", output, *extra)
+    assert result.code == 0, result.output
+    [record] = metrics_of(output)
+    return record
+
+
+# -- torchrun, two processes on one node -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eval_checkpoint(tiny_data, tmp_path_factory) -> Path:
+    """An xception checkpoint with varied predictions on the tiny data (Acc@1 8/15, Acc@5 12/15).
+
+    A network trained for a few steps predicts one class everywhere, which would make any
+    sharding look exact. Instead: random weights, BatchNorm statistics measured on the
+    training images, and a nearest-class-mean head for the three classes among ten
+    outputs (so that Acc@5 is not trivially 100 %). Top-k margins stay above 0.01, far
+    from the rounding differences that batch composition causes.
+    """
+    torch.manual_seed(0)
+    model = models.create_model("xception", num_classes=10)
+    preprocess = models.preprocess_config("xception")
+    train_set, _ = build_datasets(tiny_data, TINY_IMAGE_SIZE, preprocess)
+    [(images, labels, _)] = DeviceLoader(build_loader(train_set, len(train_set), train=False, workers=0), "cpu",
+                                         preprocess.mean, preprocess.std)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over what it sees
+    features = []
+    model.fc.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
+    with torch.no_grad():
+        model.train()(images)
+        model.eval()(images)
+        centre = features[-1].mean(0)
+        centred = features[-1] - centre
+        means = torch.stack([centred[labels == c].mean(0) for c in range(len(train_set.classes))])
+        weight = 3 * means / means.norm(dim=1, keepdim=True) / centred.norm(dim=1).mean()
+        model.fc.weight[:len(means)] = weight
+        model.fc.bias[:len(means)] = -weight @ centre
+    path = tmp_path_factory.mktemp("eval-checkpoint") / "calibrated.pth.tar"
+    state_dict = {key: value.clone() for key, value in model.state_dict().items()}
+    checkpoints.save_checkpoint({"format_version": checkpoints.FORMAT_VERSION, "arch": "xception", "epoch": 1,
+                                 "state_dict": state_dict, "best_acc1": 0.0, "num_classes": 10,
+                                 "class_names": list(train_set.classes), "image_size": TINY_IMAGE_SIZE}, path)
+    return path
+
+
+def test_torchrun_two_processes_train_and_report_like_one(tiny_data, eval_checkpoint, tmp_path):
+    """Both ranks train; rank 0 alone writes; the validation reported during training is
+    what one process reports on the saved weights, BatchNorm statistics included (each
+    rank's forward updates its own; starting from weights with clear predictions shows it)."""
+    output = tmp_path / "out"
+    start = ("--pretrained", eval_checkpoint, "--num-classes", "10")
+    code, log = run_to_end(torchrun_command(*tiny_args(tiny_data, output, "xception", *start)), tmp_path / "log")
+    assert code == 0, log
+    assert_rank0_outputs(output)
+    [record] = metrics_of(output)
+    assert record["world_size"] == 2 and record["batch_size"] == 2 and record["global_batch_size"] == 4
+    assert record["train_steps"] == 2 and record["train_images"] == 8  # 2 steps x 2 images x 2 ranks
+    assert record["val_images"] == 15  # every val image once, though 15 is odd
+    assert 0 < record["fps_per_device"] < record["fps"]  # fps is the job's, summed over ranks
+    assert "[rank 0] batch size 2 per device x 2 = 4 global" in log
+    assert "[rank 0]  * FPS@all " in log and "[rank 0]  * Acc@1 " in log
+
+    alone = single_process_evaluation(tiny_data, output / checkpoints.LAST_NAME, tmp_path / "eval", "xception",
+                                      "--num-classes", "10")
+    assert (alone["val_acc1"], alone["val_acc5"]) == (record["val_acc1"], record["val_acc5"])
+    assert alone["val_loss"] == pytest.approx(record["val_loss"], rel=1e-5)
+
+
+# -- validation: exact across world sizes -------------------------------------------------
+
+def test_validation_is_identical_on_1_2_and_3_processes(tiny_data, eval_checkpoint, tmp_path):
+    """15 val images: 1 rank in batches of 4; 2 ranks with 8+7 images in batches of 7 (so
+    the ranks run 2 and 1 batches); 3 ranks with 5+5+5 in batches of 4. Same counts."""
+    extra = ("--num-classes", "10")
+    alone = single_process_evaluation(tiny_data, eval_checkpoint, tmp_path / "1", "xception", *extra)
+    assert alone["val_images"] == 15
+    assert 0 < alone["val_acc1"] < alone["val_acc5"] < 100, alone  # predictions that sharding could change
+    for nproc, batch in ((2, 7), (3, 4)):
+        output = tmp_path / str(nproc)
+        command = torchrun_command("-a", "xception", "--data", tiny_data, "--image-size", TINY_IMAGE_SIZE,
+                                   "-b", batch, "-j", "0", "-e", "--resume", eval_checkpoint, "--output_dir", output,
+                                   *extra, nproc=nproc)
+        code, log = run_to_end(command, tmp_path / f"{nproc}.log")
+        assert code == 0, log
+        [record] = metrics_of(output)
+        assert record["val_images"] == 15, record
+        assert (record["val_acc1"], record["val_acc5"]) == (alone["val_acc1"], alone["val_acc5"]), (nproc, record)
+        assert record["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-5)
+        assert f"[rank 0]  * Acc@1 {alone['val_acc1']:.3f} Acc@5 {alone['val_acc5']:.3f}" in log
+
+
+# -- several nodes, and the ModelZoo launcher ---------------------------------------------
+
+def test_two_nodes_on_localhost(tiny_data, tmp_path):
+    """torchrun --nnodes 2 with node ranks 0 and 1, one process each, both on 127.0.0.1."""
+    output, port = tmp_path / "out", free_port()
+    nodes = []
+    for node in (0, 1):
+        rendezvous = ("--nnodes", "2", "--node_rank", str(node), "--master_addr", "127.0.0.1",
+                      "--master_port", str(port))
+        command = torchrun_command(*tiny_args(tiny_data, output, "inception_v3"), nproc=1, rendezvous=rendezvous)
+        log = tmp_path / f"node{node}.log"
+        nodes.append((launch(command, log), log))
+    outputs = [finish(process, log) for process, log in nodes]
+    for (process, _), text in zip(nodes, outputs):
+        assert process.returncode == 0, text
+    assert_rank0_outputs(output)
+    [record] = metrics_of(output)
+    assert record["world_size"] == 2 and record["train_images"] == 8 and record["val_images"] == 15
+    assert "[rank 0] arch inception_v3" in outputs[0] and "[rank 0]" not in outputs[1]
+
+
+def test_modelzoo_multiprocessing_distributed_device_list(tiny_data, tmp_path):
+    """``--multiprocessing-distributed --device_list 0,1`` spawns two CPU processes."""
+    output = tmp_path / "out"
+    command = [sys.executable, "main.py", *tiny_args(tiny_data, output), "--multiprocessing-distributed",
+               "--device_list", "0,1", "--addr", "127.0.0.1", "--port", str(free_port())]
+    code, log = run_to_end(command, tmp_path / "log")
+    assert code == 0, log
+    assert_rank0_outputs(output)
+    [record] = metrics_of(output)
+    assert record["world_size"] == 2 and record["train_images"] == 8 and record["val_images"] == 15
+    assert "[rank 0] arch xception, 3 classes, 24 training images, image size 75, device cpu, 2 process(es)" in log
+
+
+# -- faults -------------------------------------------------------------------------------
+
+def test_killed_rank_ends_the_job_with_an_error(tiny_data, tmp_path):
+    output = tmp_path / "out"
+    log = tmp_path / "log"
+    process = launch(torchrun_command(*tiny_args(tiny_data, output, "xception", "--epochs", "50",
+                                                 "--dist-timeout", "60")), log)
+    wait_for(output / "args.json", process, log)  # rank 0 is past start-up and about to train
+    worker_of(process, rank=1).send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    text = finish(process, log, timeout=120)
+    assert process.returncode != 0, text
+    assert time.monotonic() - killed < 60, "the surviving rank did not stop within --dist-timeout"
+
+
+def test_max_restarts_resumes_a_crashed_job(tiny_data, tmp_path):
+    """torchrun --max-restarts 1 restarts both workers after a kill; --resume auto picks
+    up the last checkpoint and the job ends at the requested epoch count."""
+    output = tmp_path / "out"
+    log = tmp_path / "log"
+    args = tiny_args(tiny_data, output, "xception", "--epochs", "3", "--resume", "auto")
+    rendezvous = ("--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--max-restarts", "1")
+    process = launch(torchrun_command(*args, rendezvous=rendezvous), log)
+    wait_for(output / "metrics.jsonl", process, log)  # epoch 1 is saved
+    worker_of(process, rank=1).send_signal(signal.SIGKILL)
+    text = finish(process, log)
+    assert process.returncode == 0, text
+    assert "no checkpoint yet, starting fresh" in text and "[rank 0] --resume auto: resuming from" in text
+    epochs = [record["epoch"] for record in metrics_of(output)]
+    assert epochs[-1] == 3 and epochs == sorted(set(epochs)), epochs
+    assert checkpoints.load_checkpoint(output / checkpoints.LAST_NAME)["epoch"] == 3
+
+
+# -- options that do not need a launch ----------------------------------------------------
+
+def test_sync_bn_on_cpu_is_refused_with_the_reason(tiny_data, tmp_path):
+    """torch's SyncBatchNorm has no CPU kernel; say so instead of failing in the first step."""
+    args = parse_args(tiny_args(tiny_data, tmp_path, "xception", "--sync-bn"))
+    run = Run(args, DistInfo(rank=0, world_size=2, local_rank=0, local_world_size=2), torch.device("cpu"))
+    with pytest.raises(ValueError, match="--sync-bn needs GPUs or NPUs: torch's SyncBatchNorm has no cpu"):
+        run.execute()
+
+
+def test_other_ranks_log_warnings_with_their_rank(capsys):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(rank=1, world_size=2)
+        logging.getLogger("training").info("rank 0 alone prints progress")
+        logging.getLogger("training").warning("skipped unreadable image: x.jpg")
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    assert capsys.readouterr().out == "[rank 1] skipped unreadable image: x.jpg\n"
