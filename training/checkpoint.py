@@ -83,6 +83,10 @@ def find_latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     candidates = sorted(
         (p for name in (LAST_NAME, BEST_NAME) for p in folder.rglob(name)),
         key=lambda p: p.stat().st_mtime, reverse=True)
+    return _first_readable(candidates)
+
+
+def _first_readable(candidates) -> Path | None:
     for candidate in candidates:
         try:
             load_checkpoint(candidate)
@@ -99,15 +103,7 @@ def find_resume_checkpoint(folder: str | os.PathLike) -> Path | None:
     so it is only used when the last checkpoint is missing or unreadable.
     """
     folder = Path(folder)
-    for name in (LAST_NAME, BEST_NAME):
-        candidate = folder / name
-        if candidate.is_file():
-            try:
-                load_checkpoint(candidate)
-            except CheckpointError:
-                continue
-            return candidate
-    return None
+    return _first_readable(folder / name for name in (LAST_NAME, BEST_NAME) if (folder / name).is_file())
 
 
 def check_compatible(state: dict[str, Any], path: str | os.PathLike, arch: str,
