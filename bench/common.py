@@ -128,9 +128,21 @@ def median(values: Sequence[float]) -> float:
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, min_seconds: float = 0.5,
-                min_repeats: int = 3) -> float:
+                min_repeats: int = 3, max_product_seconds: float = 1.0) -> tuple[float, int]:
     """Dense matmul FLOP/s measured on ``device`` in ``dtype``: best of several timed
-    ``size x size @ size x size`` products (``2 size^3`` FLOPs each)."""
+    ``size x size @ size x size`` products (``2 size^3`` FLOPs each); returns (FLOP/s, size).
+
+    A dtype without fast kernels on the device (bf16 on a CPU without AVX512-BF16/AMX runs
+    a reference loop, ~1000x slower) would take minutes at full size: a 256^3 probe first
+    shrinks ``size`` so that one product takes about ``max_product_seconds``.
+    """
+    probe = _matmul_rate(device, dtype, 256, 0.0, 1)
+    affordable = int((max_product_seconds * probe / 2.0) ** (1.0 / 3.0))
+    size = max(256, min(size, affordable))
+    return _matmul_rate(device, dtype, size, min_seconds, min_repeats), size
+
+
+def _matmul_rate(device: torch.device, dtype: torch.dtype, size: int, min_seconds: float, min_repeats: int) -> float:
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)

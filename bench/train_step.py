@@ -16,8 +16,9 @@ For each architecture it builds, in one process:
 After warm-up, rounds alternate between the configurations (the order rotates each round)
 and each round times ``--steps`` steps; images/s is the median over rounds. FLOPs per image
 come from ``torch.utils.flop_counter`` (one forward + backward), achieved FLOP/s is that
-times images/s, and MFU divides it by a dense matmul peak measured on the device in the
-configuration's compute dtype.
+times images/s, and MFU divides it by the best dense matmul rate measured on the device
+(fp32, and the autocast dtype when a configuration uses one). ``--profile`` adds where one
+step's time goes, by operator category.
 
     python bench/train_step.py --arch all --image-size 299 --batch-size 8 --steps 2 --rounds 3
 """
@@ -52,7 +53,9 @@ from training.synthetic import SYNTHETIC_NUM_CLASSES, SyntheticBatches  # noqa: 
 
 # main.py flags behind each configuration name (any name: "ours" + "-amp", "-nchw", "-compile").
 _FLAG_OF_SUFFIX = {"amp": "--amp", "nchw": "--no-channels-last", "compile": "--compile"}
-DEFAULT_CONFIGS = {"cpu": "baseline,ours,ours-amp,ours-nchw", "cuda": "baseline,ours,ours-amp"}
+# bf16 autocast on a CPU without native bf16 is >10x slower (docs/PERFORMANCE.md): measure it
+# on CPUs with --configs baseline,ours-amp, not by default.
+DEFAULT_CONFIGS = {"cpu": "baseline,ours,ours-nchw", "cuda": "baseline,ours,ours-amp"}
 FALLBACK_CONFIGS = "baseline,ours,ours-amp"
 AUX_WEIGHT = 0.4  # the reference Inception v3 loss: main + 0.4 x auxiliary
 SEED = 0
@@ -221,7 +224,65 @@ def measure(configs: list[Config], device: torch.device, steps: int, warmup: int
                 config.peak_device = max(config.peak_device or 0, peak)
 
 
-def matmul_peaks(device: torch.device, dtypes: set[torch.dtype], size: int) -> dict[torch.dtype, float]:
+# Where a step's time goes: leaf operators (self time) grouped by what they do.
+_CATEGORIES = (
+    ("convolution", ("conv",)),
+    ("batch norm", ("batch_norm",)),
+    ("pooling", ("pool",)),
+    ("matmul (fc)", ("addmm", "aten::mm", "linear")),
+    ("optimizer (foreach)", ("_foreach",)),
+    ("concat / copy", ("cat", "copy_", "clone", "contiguous", "to_copy")),
+    ("elementwise", ("relu", "threshold", "add", "mul", "fill", "zero", "clamp", "div", "sub", "lerp", "where")),
+    ("loss / softmax", ("softmax", "nll", "cross_entropy", "topk")),
+)
+
+
+def categorise(name: str) -> str:
+    for category, needles in _CATEGORIES:
+        if any(needle in name for needle in needles):
+            return category
+    return "other"
+
+
+def profile_step(config: Config, device: torch.device) -> dict[str, Any]:
+    """One step of ``config`` under torch.profiler: self time per category and the top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with config.backend_flags(), profile(activities=activities) as prof:
+        config.run_steps(1)
+        devices.synchronize(device)
+    use_device = device.type == "cuda"
+    events = [e for e in prof.key_averages() if not e.key.startswith(("ProfilerStep", "autograd::", "Optimizer."))]
+
+    def self_time(event) -> float:  # microseconds on the device that bounds the step
+        return float(event.self_device_time_total if use_device else event.self_cpu_time_total)
+
+    total = sum(self_time(e) for e in events) or 1.0
+    categories: dict[str, float] = {}
+    for event in events:
+        categories[categorise(event.key)] = categories.get(categorise(event.key), 0.0) + self_time(event)
+    top = sorted(events, key=self_time, reverse=True)[:12]
+    return {"clock": "device" if use_device else "cpu", "total_ms": total / 1000,
+            "categories": {k: v / total for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+            "top_ops": [{"name": e.key, "ms": self_time(e) / 1000, "calls": e.count, "share": self_time(e) / total}
+                        for e in top]}
+
+
+def print_profiles(arch: str, profiles: dict[str, dict[str, Any]]) -> None:
+    names = list(profiles)
+    categories = sorted({c for p in profiles.values() for c in p["categories"]},
+                        key=lambda c: -max(p["categories"].get(c, 0.0) for p in profiles.values()))
+    rows = [[c, *[f"{100 * profiles[n]['categories'].get(c, 0.0):.1f}%" for n in names]] for c in categories]
+    rows.append(["total self time ms", *[f"{profiles[n]['total_ms']:.0f}" for n in names]])
+    common.print_table(f"{arch}: where one step's time goes (torch.profiler, self time)", ["category", *names], rows)
+    for name in names:
+        ops = ", ".join(f"{op['name']} {100 * op['share']:.0f}%" for op in profiles[name]["top_ops"][:6])
+        print(f"  {name} top ops: {ops}")
+
+
+def matmul_peaks(device: torch.device, dtypes: set[torch.dtype], size: int) -> dict[torch.dtype, tuple[float, int]]:
+    """{dtype: (measured dense matmul FLOP/s, matrix side used)}."""
     return {dtype: common.matmul_peak(device, dtype, size) for dtype in sorted(dtypes, key=str)}
 
 
@@ -231,6 +292,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def benchmark_arch(arch: str, names: list[str], args: argparse.Namespace, device: torch.device,
                    peaks: dict[torch.dtype, float]) -> dict[str, Any]:
+    """Build every configuration for ``arch``, measure them alternating, return the results."""
     reference = recipe_for(arch)  # the baseline trains with the same learning rate and decay
     configs: list[Config] = []
     baseline_model = None
@@ -254,7 +316,6 @@ def benchmark_arch(arch: str, names: list[str], args: argparse.Namespace, device
         speed = speeds[config.name]
         steady = args.batch_size / speed if speed else 0.0
         achieved = flops * speed
-        peak = peaks.get(config.compute_dtype)
         results[config.name] = {
             "description": config.description,
             "images_per_second": speed,
@@ -263,7 +324,10 @@ def benchmark_arch(arch: str, names: list[str], args: argparse.Namespace, device
             "ratio_vs_baseline": speed / reference_speed if reference_speed else None,
             "achieved_flops": achieved,
             "compute_dtype": dtype_name(config.compute_dtype),
-            "mfu": achieved / peak if peak else None,
+            # MFU: against the device's best measured matmul rate (any dtype), i.e. the
+            # share of what this hardware can do; also against the config's own dtype.
+            "mfu": achieved / max(peaks.values()),
+            "mfu_own_dtype": achieved / peaks[config.compute_dtype] if config.compute_dtype in peaks else None,
             "warmup_seconds": config.warmup_seconds,
             # With --compile the first steps compile; the rest of the warm-up is ordinary steps.
             "compile_seconds": (max(0.0, config.warmup_seconds - args.warmup * steady)
@@ -271,7 +335,10 @@ def benchmark_arch(arch: str, names: list[str], args: argparse.Namespace, device
             "peak_host_rss_bytes": config.peak_host,
             "peak_device_bytes": config.peak_device,
         }
-    return {"flops_per_image": flops, "configs": results}
+    result: dict[str, Any] = {"flops_per_image": flops, "configs": results}
+    if args.profile:
+        result["profile"] = {config.name: profile_step(config, device) for config in configs}
+    return result
 
 
 def print_results(arch: str, result: dict[str, Any], args: argparse.Namespace) -> None:
@@ -311,6 +378,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                              f"(default on cpu: {DEFAULT_CONFIGS['cpu']}; cuda: {DEFAULT_CONFIGS['cuda']})")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="side of the square matmul timed for the peak (default 2048 on cpu, 8192 else)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after measuring, profile one step of each configuration (where the time goes)")
     common.add_common_options(parser)
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size", "steps", "rounds"):
@@ -334,21 +403,26 @@ def main(argv: list[str] | None = None) -> int:
     env = common.environment(device)
     matmul_size = args.matmul_size or (2048 if device.type == "cpu" else 8192)
     dtypes = {torch.float32} | {resolve_dtype(device.type, "auto") for n in names if "amp" in n.split("-")}
-    peaks = matmul_peaks(device, dtypes, matmul_size)
+    measured = matmul_peaks(device, dtypes, matmul_size)
+    peaks = {dtype: rate for dtype, (rate, _) in measured.items()}
     print(f"device {env.get('device')}  cpu {env['host_cpu']} ({env['cpus']} cpus, {env['torch_threads']} "
           f"torch threads)  torch {torch.__version__}  load {load}")
-    print("dense matmul peak (" + f"{matmul_size}^3): " +
-          ", ".join(f"{dtype_name(d)} {p / 1e9:,.1f} GFLOP/s" for d, p in peaks.items()))
+    print("dense matmul peak: " + ", ".join(f"{dtype_name(d)} {rate / 1e9:,.1f} GFLOP/s ({side}^3)"
+                                            for d, (rate, side) in measured.items()) +
+          "; MFU is against the best of these")
     results: dict[str, Any] = {}
     started = time.perf_counter()
     for arch in archs:
         results[arch] = benchmark_arch(arch, names, args, device, peaks)
         print_results(arch, results[arch], args)
+        if args.profile:
+            print_profiles(arch, results[arch]["profile"])
     env["load_average_at_end"] = common.load_average()
     payload = {"benchmark": "train_step", "env": env, "settings": {
         "archs": archs, "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
         "warmup": args.warmup, "rounds": args.rounds, "configs": names, "matmul_size": matmul_size},
         "matmul_peak_flops": {dtype_name(d): p for d, p in peaks.items()},
+        "matmul_peak_size": {dtype_name(d): side for d, (_, side) in measured.items()},
         "archs": results, "process_peak_rss_bytes": common.process_peak_rss(),
         "seconds": time.perf_counter() - started}
     print(f"\nprocess peak RSS {payload['process_peak_rss_bytes'] / common.MIB:.0f} MiB; "

@@ -43,7 +43,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 def test_train_step_tiny(tmp_path):
     report = run_script("train_step.py", "--arch", "all", *TINY_STEP, "--warmup", "1", "--rounds", "1",
-                        "--matmul-size", "128", "--device", "cpu", "--json", str(tmp_path / "step.json"))
+                        "--configs", "baseline,ours,ours-amp,ours-nchw", "--matmul-size", "128",
+                        "--device", "cpu", "--json", str(tmp_path / "step.json"))
     assert report["benchmark"] == "train_step"
     assert report["env"]["versions"]["torch"] and positive(report["env"]["cpus"])
     assert set(report["archs"]) == {"inception_v3", "xception"}
@@ -61,6 +62,18 @@ def test_train_step_tiny(tmp_path):
     # Depthwise convolutions' backward counted with their groups: a training step of
     # Xception is about 3x its forward (dense-counted, it would be ~10x).
     assert report["archs"]["xception"]["flops_per_image"] < 4 * 1.13e9
+
+
+def test_train_step_profile_tiny(tmp_path):
+    report = run_script("train_step.py", "--arch", "xception", *TINY_STEP, "--warmup", "0", "--rounds", "1",
+                        "--configs", "baseline,ours", "--matmul-size", "128", "--profile", "--device", "cpu",
+                        "--json", str(tmp_path / "profile.json"))
+    profiles = report["archs"]["xception"]["profile"]
+    assert set(profiles) == {"baseline", "ours"}
+    for name, profile in profiles.items():
+        assert sum(profile["categories"].values()) == pytest.approx(1.0), name
+        assert profile["categories"]["convolution"] > 0 and positive(profile["total_ms"]), name
+        assert profile["top_ops"] and all(positive(op["ms"]) for op in profile["top_ops"]), name
 
 
 def test_train_step_rejects_unknown_config(tmp_path):

@@ -30,25 +30,28 @@ def correct_counts(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, 
 
 
 class RunningSums:
-    """Loss sum, top-1/top-5 hits and sample count, accumulated on the device."""
+    """Loss sum and top-1/top-5 hits accumulated on the device; the sample count on the host
+    (batch sizes are known there, so no host-to-device copy is needed per step)."""
 
     def __init__(self, device: torch.device):
-        self.totals = torch.zeros(4, dtype=torch.float64, device=device)
+        self.totals = torch.zeros(3, dtype=torch.float64, device=device)
+        self.count = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
         count = target.shape[0]
-        hits = correct_counts(logits.detach(), target)
-        update = torch.stack([loss.detach().double() * count, hits[0].double(), hits[1].double(),
-                              torch.tensor(float(count), dtype=torch.float64, device=hits.device)])
-        self.totals += update
+        hits = correct_counts(logits.detach(), target).double()
+        self.totals += torch.cat([loss.detach().double().reshape(1) * count, hits])
+        self.count += count
 
     def read(self, across_ranks: bool = False) -> dict[str, float]:
         """Mean loss and accuracies (percent); ``across_ranks`` sums every rank's counts first."""
-        totals = sum_across_ranks(self.totals) if across_ranks else self.totals
+        totals = torch.cat([self.totals, self.totals.new_tensor([float(self.count)])])
+        if across_ranks:
+            totals = sum_across_ranks(totals)
         loss_sum, top1, top5, count = totals.tolist()
-        count = max(count, 1.0)
-        return {"loss": loss_sum / count, "acc1": 100.0 * top1 / count,
-                "acc5": 100.0 * top5 / count, "count": int(totals[3].item())}
+        denominator = max(count, 1.0)
+        return {"loss": loss_sum / denominator, "acc1": 100.0 * top1 / denominator,
+                "acc5": 100.0 * top5 / denominator, "count": int(count)}
 
 
 class Throughput:
