@@ -259,3 +259,11 @@ def write_json(path: str | os.PathLike | None, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"\nwrote {path}")
+
+
+def finish(path: str | os.PathLike | None, payload: dict[str, Any], load_at_end: list[float] | None) -> int:
+    """Print the closing memory/load line, write the JSON report, return the exit status."""
+    print(f"\nprocess peak RSS {payload['process_peak_rss_bytes'] / MIB:.0f} MiB; "
+          f"load average at end {load_at_end}")
+    write_json(path, payload)
+    return 0

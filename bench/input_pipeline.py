@@ -304,10 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                             "loader_batches": args.loader_batches, "loader_warmup": args.loader_warmup},
                "per_process": per_process, "loader": loaders,
                "process_peak_rss_bytes": common.process_peak_rss(), "seconds": time.perf_counter() - started}
-    print(f"\nprocess peak RSS {payload['process_peak_rss_bytes'] / common.MIB:.0f} MiB; "
-          f"load average at end {env['load_average_at_end']}")
-    common.write_json(args.json, payload)
-    return 0
+    return common.finish(args.json, payload, env["load_average_at_end"])
 
 
 if __name__ == "__main__":

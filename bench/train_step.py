@@ -103,7 +103,8 @@ def reference_backend_flags():
          torch.backends.cudnn.allow_tf32) = saved
 
 
-def synthetic(batch_size: int, image_size: int, steps: int, device: torch.device, channels_last: bool) -> SyntheticBatches:
+def synthetic(batch_size: int, image_size: int, steps: int, device: torch.device,
+              channels_last: bool) -> SyntheticBatches:
     return SyntheticBatches(batch_size=batch_size, image_size=image_size, num_classes=SYNTHETIC_NUM_CLASSES,
                             steps=steps, device=device, channels_last=channels_last, seed=SEED)
 
@@ -197,7 +198,8 @@ def flops_per_image(model: nn.Module, image_size: int, device: torch.device) -> 
     target = torch.zeros(batch, dtype=torch.int64, device=device)
     criterion = nn.CrossEntropyLoss()
     model.train()
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) as counter:
+    corrected = {torch.ops.aten.convolution_backward: conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=corrected) as counter:
         output = model(images)
         if isinstance(output, tuple):
             loss = criterion(output[0], target) + AUX_WEIGHT * criterion(output[1], target)
@@ -425,10 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_peak_size": {dtype_name(d): side for d, (_, side) in measured.items()},
         "archs": results, "process_peak_rss_bytes": common.process_peak_rss(),
         "seconds": time.perf_counter() - started}
-    print(f"\nprocess peak RSS {payload['process_peak_rss_bytes'] / common.MIB:.0f} MiB; "
-          f"load average at end {env['load_average_at_end']}")
-    common.write_json(args.json, payload)
-    return 0
+    return common.finish(args.json, payload, env["load_average_at_end"])
 
 
 if __name__ == "__main__":

@@ -140,6 +140,13 @@ def supports_bf16(device_type: str) -> bool:
     return bool(check()) if callable(check) else device_type == "npu"
 
 
+def has_fast_bf16(device_type: str) -> bool:
+    """False on CPUs without bf16 instructions, where bf16 autocast is many times slower."""
+    if device_type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return supports_bf16(device_type)
+
+
 def supports_pinned_memory(device_type: str) -> bool:
     return device_type in ("cuda", "npu")
 

@@ -109,6 +109,9 @@ def build_precision(device_type: str, *, amp: bool, amp_dtype: str = "auto", opt
         log.warning("--apex asked for, but apex is not installed: using torch.amp with the same "
                     "settings instead")
     dtype = resolve_dtype(device_type, amp_dtype)
+    if dtype == torch.bfloat16 and not devices.has_fast_bf16(device_type):
+        log.warning("this %s has no bf16 instructions: --amp (bf16) will be slower than fp32 here "
+                    "(docs/PERFORMANCE.md); --opt-level O0 turns it off", device_type)
     autocast = _autocast_factory(device_type, dtype)
     if dtype != torch.float16:
         return Precision(description=f"autocast {_short(dtype)}", autocast=autocast)
