@@ -1,8 +1,8 @@
 """Device choice and per-device facts: the only module that names torch.cuda, torch.npu or MPS.
 
 Ascend NPUs come through the ``torch_npu`` plug-in, imported here and only here, guarded
-(``transfer_to_npu`` is deliberately not used: it rewrites ``cuda`` calls globally and
-breaks an explicit device choice). Everything else asks this module.
+(torch_npu's contrib helper that remaps every ``cuda`` call to the NPU is deliberately
+not used: it acts globally and breaks an explicit device choice). Everything else asks this module.
 """
 from __future__ import annotations
 

@@ -171,7 +171,8 @@ def _add_distributed_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rank", type=int, default=0, metavar="NODE",
                        help="with --multiprocessing-distributed: this node's rank")
     group.add_argument("--dist-url", default=None, metavar="URL",
-                       help="rendezvous URL, e.g. tcp://10.0.0.1:29500 (default from --addr/--port)")
+                       help="with --multiprocessing-distributed: rendezvous URL, e.g. tcp://10.0.0.1:29500 "
+                            "(default from --addr/--port)")
     group.add_argument("--addr", default="127.0.0.1", help="master address for --multiprocessing-distributed")
     group.add_argument("--port", type=int, default=29500, help="master port for --multiprocessing-distributed")
 
