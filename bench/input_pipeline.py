@@ -9,8 +9,9 @@ Two measurements, each comparing
   classic transform (``RandomResizedCrop``, flip, ``ToTensor``, ``Normalize``: float out),
   ``default_collate``, a plain ``DataLoader(shuffle=True, pin_memory=...)``;
 * ``ours``: what main.py builds (``build_datasets`` -> ``TrainTransform``: reduced-size
-  JPEG decode, one box resize, uint8 out; ``collate_batch``; ``build_loader``) plus the
-  ``DeviceLoader`` normalisation, which on a CPU-only machine costs CPU time as well;
+  JPEG decode, one box resize, uint8 out; ``collate_batch``; ``build_loader`` with its
+  seeded ``TrainSampler``) plus the ``DeviceLoader`` normalisation, which on a CPU-only
+  machine costs CPU time as well;
 
 1. per process: one process, one thread (what a DataLoader worker gets), no DataLoader:
    images/s for decode + augment + collate (+ normalise for ours), baseline and ours
@@ -40,10 +41,11 @@ from torch.utils.data import DataLoader, default_collate  # noqa: E402
 
 import models  # noqa: E402
 from bench import common  # noqa: E402
+from bench.reference_transforms import classic_train_transform  # noqa: E402
 from training import device as devices  # noqa: E402
-from training.data import DeviceLoader, build_datasets, build_loader, collate_batch  # noqa: E402
+from training.data import TrainSampler, build_datasets, build_loader, collate_batch  # noqa: E402
 from training.dummy_data import default_cache_dir, make_imagefolder  # noqa: E402
-from training.transforms import classic_train_transform  # noqa: E402
+from training.prefetch import DeviceLoader  # noqa: E402
 
 SEED = 0
 FOLDER_VERSION = "v1"  # bump when the generated folder's recipe changes
@@ -119,7 +121,8 @@ class Pipelines:
             raise RuntimeError("the two datasets list different images")
 
     def device_loader(self, batches: Iterable, device: torch.device) -> DeviceLoader:
-        return DeviceLoader(batches, device, self.preprocess.mean, self.preprocess.std, channels_last=True)
+        normalizer = models.Normalizer(self.preprocess.mean, self.preprocess.std, device)
+        return DeviceLoader(batches, device, normalizer, channels_last=True)
 
 
 def _batched(dataset, indices: list[int], batch_size: int, collate: Callable) -> Iterator:
@@ -195,7 +198,8 @@ def _drain(batches: Iterator, count: int, device: torch.device) -> int:
 
 def measure_loader(pipes: Pipelines, workers: int, batch_size: int, batches: int, warmup_batches: int,
                    rounds: int, device: torch.device) -> dict[str, Any]:
-    pin = devices.supports_pinned_memory(device.type)
+    pin_options = devices.pin_memory_options(devices.capabilities(device.type))
+    pin = pin_options["pin_memory"]
     persistent = {"persistent_workers": True} if workers > 0 else {}
     generator = torch.Generator().manual_seed(SEED)
     reference = DataLoader(pipes.baseline, batch_size=batch_size, shuffle=True, num_workers=workers,
@@ -205,8 +209,9 @@ def measure_loader(pipes: Pipelines, workers: int, batch_size: int, batches: int
         for images, target in _forever(reference):
             yield images.to(device, non_blocking=True), target.to(device, non_blocking=True)
 
-    ours_loader = pipes.device_loader(build_loader(pipes.ours, batch_size, train=True, workers=workers,
-                                                   seed=SEED, pin_memory=pin), device)
+    sampler = TrainSampler(len(pipes.ours), SEED)
+    ours_loader = pipes.device_loader(build_loader(pipes.ours, batch_size, sampler, train=True, workers=workers,
+                                                   pin_memory=pin_options), device)
     streams = {"baseline": baseline_batches(), "ours": _forever(ours_loader)}
     result: dict[str, Any] = {}
     with common.MemorySampler(tree=True, interval_s=0.2) as memory:

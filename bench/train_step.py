@@ -9,9 +9,9 @@ For each architecture it builds, in one process:
 * ``ours`` variants: the model, optimizer, precision, loss and loop that ``main.py``
   builds for the same flags (``ours`` = no flags, ``ours-amp`` = ``--amp``,
   ``ours-nchw`` = ``--no-channels-last``, ``-compile`` adds ``--compile``), through the
-  project's own functions (``training.run.Run._model``, ``build_optimizer``,
-  ``build_precision``, ``TrainingLoss``, ``train_one_epoch``), so the benchmark measures
-  the real configuration.
+  public building steps main.py uses (``training.setup``: ``decide``, ``build_model``,
+  ``build_optimization``, ``wrap_for_training``; then ``train_one_epoch``), so the
+  benchmark measures the real configuration.
 
 After warm-up, rounds alternate between the configurations (the order rotates each round)
 and each round times ``--steps`` steps; images/s is the median over rounds. FLOPs per image
@@ -41,14 +41,14 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count  # noqa: E
 import models  # noqa: E402
 from bench import common  # noqa: E402
 from training import device as devices  # noqa: E402
-from training.distributed import DistInfo  # noqa: E402
-from training.engine import LoopSettings, TrainingLoss, train_one_epoch  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
-from training.options import parse_args  # noqa: E402
-from training.precision import build_precision, resolve_dtype  # noqa: E402
+from training.config import resolve_options  # noqa: E402
+from training.distributed import Topology  # noqa: E402
+from training.engine import EpochPosition, LoopSettings, TrainingLoss, train_one_epoch  # noqa: E402
+from training.options import parse_command_line  # noqa: E402
+from training.precision import resolve_dtype  # noqa: E402
 from training.recipes import recipe_for  # noqa: E402
-from training.run import Run  # noqa: E402
-from training.schedule import LrCurve, build_scheduler  # noqa: E402
+from training.schedule import LrSchedule  # noqa: E402
+from training.setup import agree_on_seed, build_model, build_optimization, decide, wrap_for_training  # noqa: E402
 from training.synthetic import SYNTHETIC_NUM_CLASSES, SyntheticBatches  # noqa: E402
 
 # main.py flags behind each configuration name (any name: "ours" + "-amp", "-nchw", "-compile").
@@ -110,7 +110,7 @@ def synthetic(batch_size: int, image_size: int, steps: int, device: torch.device
 
 
 def model_options(arch: str) -> dict[str, Any]:
-    return {"aux_logits": True} if arch == "inception_v3" else {}
+    return {"aux_logits": True} if models.model_spec(arch).aux_head else {}
 
 
 def build_baseline(arch: str, image_size: int, batch_size: int, device: torch.device, lr: float,
@@ -146,32 +146,31 @@ def build_baseline(arch: str, image_size: int, batch_size: int, device: torch.de
 def build_ours(name: str, arch: str, image_size: int, batch_size: int, device: torch.device) -> Config:
     """The configuration main.py builds for ``name``'s flags, through main.py's own code."""
     flags = main_flags(name)
-    args = parse_args(["-a", arch, "--synthetic", "-b", str(batch_size), "--image-size", str(image_size),
-                       "--seed", str(SEED), "--device", device.type, *flags])
-    run = Run(args, DistInfo(), device)  # resolves the recipe, seeds torch
-    args = run.args
-    model = run._model(SYNTHETIC_NUM_CLASSES)
-    optimizer = build_optimizer(model, device.type, lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=args.nesterov,
-                                decay_norm_and_bias=not args.no_bn_weight_decay)
-    precision = build_precision(device.type, amp=args.amp, amp_dtype=args.amp_dtype, opt_level=args.opt_level,
-                                loss_scale=args.loss_scale, use_apex=args.apex)
+    command = parse_command_line(["-a", arch, "--synthetic", "-b", str(batch_size), "--image-size", str(image_size),
+                                  "--seed", str(SEED), "--device", device.type, *flags])
+    args = resolve_options(command.args, command.explicit, process_count=1).args
+    args.seed = agree_on_seed(args.seed)
+    caps, topology = devices.capabilities(device.type), Topology()
+    decisions = decide(args, caps, topology)
+    built = build_model(args, models.model_spec(arch), SYNTHETIC_NUM_CLASSES, device, decisions, topology)
+    optimization = build_optimization(args, built.model, caps, decisions)
+    optimizer, precision = optimization.optimizer, optimization.precision
     # A schedule long enough that the learning rate stays near its peak while we measure.
-    scheduler = build_scheduler(optimizer, LrCurve(steps_per_epoch=1000, epochs=1000,
-                                                   warmup_epochs=args.warm_up_epochs, kind=args.lr_schedule))
-    trained = run._wrap_for_training(model)
+    schedule = LrSchedule(args.lr, epochs=1000, warmup_epochs=args.warm_up_epochs, kind=args.lr_schedule)
+    trained = wrap_for_training(optimization.model, topology, device, decisions.compile_backend)
     loss_fn = TrainingLoss(args.label_smoothing, args.aux_loss_weight)
-    settings = LoopSettings(device=device, print_freq=10**9, fps_warmup_steps=0, clip_grad=args.clip_grad,
-                            progress="lines", show_progress=False)
+    settings = LoopSettings(device=device, seed=args.seed, print_freq=10**9, fps_warmup_steps=0,
+                            clip_grad=args.clip_grad, progress="lines", show_progress=False)
     loaders: dict[int, SyntheticBatches] = {}
 
     def run_steps(steps: int) -> None:
         if steps not in loaders:
-            loaders[steps] = synthetic(batch_size, image_size, steps, device, args.channels_last)
-        train_one_epoch(trained, loaders[steps], loss_fn, optimizer, scheduler, precision, 0, settings)
+            loaders[steps] = synthetic(batch_size, image_size, steps, device, decisions.channels_last)
+        train_one_epoch(trained, loaders[steps], loss_fn, optimizer, schedule, precision,
+                        EpochPosition(epoch=0, steps=steps), settings)
 
     dtype = resolve_dtype(device.type, args.amp_dtype) if args.amp else torch.float32
-    layout = "channels_last" if args.channels_last else "NCHW"
+    layout = "channels_last" if decisions.channels_last else "NCHW"
     description = (f"main.py {' '.join(flags) or '(defaults)'}: {layout}, {precision.description}, "
                    f"SGD({'fused' if optimizer.defaults.get('fused') else 'foreach'})")
     return Config(name, description, dtype, run_steps)

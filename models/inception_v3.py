@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .layers import ConvBNReLU, check_input_size, trunc_normal_
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_V3, PreprocessConfig
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 BN_EPS = 1e-3  # the TensorFlow reference's batch-norm epsilon
 
@@ -198,7 +198,8 @@ class InceptionV3(nn.Module):
     """
 
     arch = "inception_v3"
-    preprocess: PreprocessConfig = INCEPTION_V3
+    # Below 75x75 the last grid reduction has nothing left to pool (measured).
+    MIN_INPUT_SIZE = 75
     # Parameter prefixes of the classifier heads, re-initialised when fine-tuning to new classes.
     classifier_names = ("fc", "AuxLogits.fc")
     # Optional parts: weights for them are dropped when the model was built without them.
@@ -277,7 +278,7 @@ class InceptionV3(nn.Module):
         return torch.cat(channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | InceptionOutputs:
-        check_input_size(x, self.preprocess.min_input_size, self.arch)
+        check_input_size(x, self.MIN_INPUT_SIZE, self.arch)
         if self.transform_input:
             x = self._transform_input(x)
         # Shapes for a N x 3 x 299 x 299 input.

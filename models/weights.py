@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 _SHOW_KEYS = 5
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file or state dict that cannot be used; the message names the file."""
 
 
@@ -38,6 +40,8 @@ def read_weights_file(path: str | os.PathLike) -> object:
         raise WeightsError(f"weights file not found: {path}")
     if not path.is_file():
         raise WeightsError(f"weights path is not a file: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -49,6 +53,18 @@ def read_weights_file(path: str | os.PathLike) -> object:
         raise WeightsError(f"cannot read weights file {path}: {_first_line(message)}") from None
     except Exception as exc:  # zip/pickle/EOF errors from a truncated or foreign file
         raise WeightsError(f"cannot read weights file {path}: {type(exc).__name__}: {_first_line(str(exc))}") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file (Hugging Face's format: tensors only, nothing to execute)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise WeightsError(f"{path} is a safetensors file: pip install safetensors to read it") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise WeightsError(f"cannot read weights file {path}: {_first_line(str(exc))}") from None
 
 
 def _first_line(text: str) -> str:
@@ -133,7 +149,7 @@ def load_weights(
     for key in dropped:
         del state[key]
     if dropped:
-        logger.debug("%s: ignored %d keys of parts the model was built without", name, len(dropped))
+        log.debug("%s: ignored %d keys of parts the model was built without", name, len(dropped))
 
     heads = tuple(getattr(model, "classifier_names", ()))
     head_keys = [k for k in model_state if _under(k, heads)]
@@ -177,7 +193,7 @@ def load_weights(
         )
     messages.insert(0, f"loaded weights from {name}")
     for message in messages:
-        logger.info(message)
+        log.info(message)
     return messages
 
 

@@ -13,7 +13,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from .layers import SeparableConv2d, check_input_size
-from .preprocess import XCEPTION, PreprocessConfig
 
 
 class XceptionBlock(nn.Module):
@@ -80,7 +79,8 @@ class Xception(nn.Module):
     """
 
     arch = "xception"
-    preprocess: PreprocessConfig = XCEPTION
+    # Smallest input its stride-2 layers accept (measured); every map is then 1x1.
+    MIN_INPUT_SIZE = 7
     classifier_names = ("fc",)
     optional_names: tuple[str, ...] = ()
 
@@ -130,7 +130,7 @@ class Xception(nn.Module):
         self.fc.reset_parameters()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.preprocess.min_input_size, self.arch)
+        check_input_size(x, self.MIN_INPUT_SIZE, self.arch)
         # Shapes for a N x 3 x 299 x 299 input.
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)  # N x 32 x 149 x 149
         x = F.relu(self.bn2(self.conv2(x)), inplace=True)  # N x 64 x 147 x 147

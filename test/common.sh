@@ -9,7 +9,8 @@
 #   MZ_MAIN_ARGS  array of main.py options the script adds; the user's come after them, and
 #                 anything after a bare `--` last, so the user can override every one
 # Recipe defaults (batch size, epochs, lr...) are not repeated here: main.py takes them
-# from training/recipes.py for whatever the user leaves out.
+# from training/recipes.py for whatever the user leaves out. As in the ModelZoo scripts,
+# --batch_size and --workers are per device for one process and per node otherwise.
 
 MZ_TEST_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MZ_REPO_DIR=$(dirname "$MZ_TEST_DIR")
@@ -23,15 +24,31 @@ mz_die() {
     exit "${2:-2}"
 }
 
+# Upstream's other names for some keys.
+declare -A MZ_ALIASES=([train_epochs]=epochs [resume]=resume_pth)
+
 mz_describe() {
     case $1 in
         data_path) echo "ImageFolder root with train/ and val/ (required)" ;;
-        arch) echo "inception_v3 (default) or xception" ;;
-        batch_size) echo "batch size per device (default: the recipe of --arch)" ;;
-        epochs) echo "epochs (default: the recipe's; 1 for performance runs)" ;;
-        device_id) echo "device index (default: \$ASCEND_DEVICE_ID, else 0)" ;;
+        arch) echo "the network: inception_v3 (default) or xception" ;;
+        batch_size)
+            if [[ $MZ_LAUNCH == single ]]; then
+                echo "batch size (default: the recipe of --arch, 256 or 128)"
+            else
+                echo "batch size of the machine, split between its processes (default: the recipe's per device x processes)"
+            fi
+            ;;
+        workers) echo "data loading processes$([[ $MZ_LAUNCH == single ]] || echo " of the machine, split between its processes")" ;;
+        epochs) echo "epochs, also --train_epochs= (default: the recipe's; 1 for performance runs)" ;;
+        device_id)
+            if [[ $MZ_LAUNCH == single ]]; then
+                echo "device index, and the output folder test/output/<id> (default: \$ASCEND_DEVICE_ID, else 0)"
+            else
+                echo "the output folder test/output/<id> (default: \$ASCEND_DEVICE_ID, else 0)"
+            fi
+            ;;
         nproc) echo "processes on this node (default: \$RANK_SIZE, else the device count up to 8, else 8)" ;;
-        resume_pth) echo "checkpoint to evaluate (required)" ;;
+        resume_pth) echo "checkpoint to evaluate, also --resume= (required)" ;;
         nnodes) echo "number of machines (required)" ;;
         node_rank) echo "this machine's rank, 0 on the master (required)" ;;
         master_addr) echo "IP address of the node_rank 0 machine (required)" ;;
@@ -49,7 +66,7 @@ mz_usage() {
     done
     echo
     echo "Options after a bare -- go to main.py unchanged (see: python main.py -h), e.g."
-    echo "  bash $0 --data_path=/data/imagenet -- --image-size 224 --workers 16"
+    echo "  bash $0 --data_path=/data/imagenet --arch=xception -- --image-size 224"
     echo "Outputs: \${TEST_OUTPUT_DIR:-test/output}/\$ASCEND_DEVICE_ID/ (see docs/SCRIPTS.md)."
 }
 
@@ -85,12 +102,13 @@ mz_parse_args() {
         esac
         key=${key#--}
         key=${key//-/_} # --data-path works like --data_path
+        key=${MZ_ALIASES[$key]:-$key}
         if [[ " $MZ_OPTIONS " != *" $key "* ]]; then
             # shellcheck disable=SC2086  # one word per option name
             mz_die "unknown option --$key (this script takes: $(printf -- '--%s ' $MZ_OPTIONS)and main.py options after --)"
         fi
         case $key in
-            batch_size | epochs | device_id | nproc | nnodes | node_rank | master_port)
+            batch_size | epochs | workers | device_id | nproc | nnodes | node_rank | master_port)
                 [[ $value =~ ^[0-9]+$ ]] || mz_die "--$key must be a non-negative integer, got '$value'"
                 ;;
         esac
@@ -144,16 +162,15 @@ mz_check_options() {
 }
 
 mz_main_args() {
-    # main.py's command line: the script's additions, the user's --key=value, then the passthrough.
+    # main.py's command line: the script's additions, the user's --key=value, then the passthrough
+    # (the per-device batch and workers are added by mz_plan).
     MZ_ARGS=(${MZ_MAIN_ARGS[@]+"${MZ_MAIN_ARGS[@]}"} --data "${MZ_OPT[data_path]}")
     [[ -z ${MZ_OPT[arch]:-} ]] || MZ_ARGS+=(--arch "${MZ_OPT[arch]}")
-    [[ -z ${MZ_OPT[batch_size]:-} ]] || MZ_ARGS+=(--batch-size "${MZ_OPT[batch_size]}")
     [[ -z ${MZ_OPT[epochs]:-} ]] || MZ_ARGS+=(--epochs "${MZ_OPT[epochs]}")
     [[ -z ${MZ_OPT[resume_pth]:-} ]] || MZ_ARGS+=(--resume "${MZ_OPT[resume_pth]}")
     if [[ $MZ_LAUNCH == single ]]; then
         MZ_ARGS+=(--gpu "$MZ_DEVICE_ID") # ignored by main.py on a CPU
     fi
-    MZ_ARGS+=(${MZ_PASSTHROUGH[@]+"${MZ_PASSTHROUGH[@]}"})
 }
 
 mz_plan() {
@@ -162,30 +179,43 @@ mz_plan() {
     [[ $MZ_LAUNCH != single ]] || launcher=python
     output=$("$MZ_PYTHON" "$MZ_TEST_DIR/modelzoo_helper.py" plan --launcher "$launcher" \
         --nproc "$(mz_opt nproc "${RANK_SIZE:-0}")" --nnodes "$(mz_opt nnodes 1)" \
-        -- "${MZ_ARGS[@]}") || exit $?
+        --batch-size "$(mz_opt batch_size 0)" ${MZ_OPT[workers]:+--workers "${MZ_OPT[workers]}"} \
+        -- "${MZ_ARGS[@]}" ${MZ_PASSTHROUGH[@]+"${MZ_PASSTHROUGH[@]}"}) || exit $?
     while IFS='=' read -r key value; do
         case $key in
             arch) MZ_ARCH=$value ;;
+            network) MZ_NETWORK=$value ;;
             batch_size) MZ_BATCH_SIZE=$value ;;
+            device_batch_size) MZ_DEVICE_BATCH_SIZE=$value ;;
+            workers) MZ_WORKERS=$value ;;
             nproc) MZ_NPROC=$value ;;
             world_size) MZ_WORLD_SIZE=$value ;;
             device_type) MZ_DEVICE_TYPE=$value ;;
         esac
     done <<<"$output"
+    echo "network: $MZ_NETWORK (--arch=$MZ_ARCH; the other is --arch=$([[ $MZ_ARCH == xception ]] && echo inception_v3 || echo xception))"
+    MZ_ARGS+=(--batch-size "$MZ_DEVICE_BATCH_SIZE")
+    [[ -z $MZ_WORKERS ]] || MZ_ARGS+=(--workers "$MZ_WORKERS")
+    MZ_ARGS+=(${MZ_PASSTHROUGH[@]+"${MZ_PASSTHROUGH[@]}"})
 }
 
 mz_paths() {
-    MZ_CASE_NAME="${MZ_ARCH}_bs${MZ_BATCH_SIZE}_${MZ_WORLD_SIZE}p_${MZ_KIND}"
+    MZ_CASE_NAME="${MZ_NETWORK}_bs${MZ_BATCH_SIZE}_${MZ_WORLD_SIZE}p_${MZ_KIND}"
     mkdir -p "${TEST_OUTPUT_DIR:-$MZ_TEST_DIR/output}/$MZ_DEVICE_ID"
     MZ_OUTPUT_DIR=$(mz_absolute "${TEST_OUTPUT_DIR:-$MZ_TEST_DIR/output}/$MZ_DEVICE_ID")
     MZ_RUN_DIR="$MZ_OUTPUT_DIR/$MZ_CASE_NAME" # main.py's --output_dir: checkpoints, metrics.jsonl
     MZ_TRAIN_LOG="$MZ_OUTPUT_DIR/train_${MZ_DEVICE_ID}.log"
-    # A fresh run is summarised alone; one that resumes (`-- --resume ...`) continues the
-    # metrics of the run it resumes. Checkpoints are left for main.py to overwrite.
-    local arg
+    # A run that resumes (`-- --resume ...`) continues its folder; a fresh run starts an empty
+    # one, and an earlier run of the same case is kept beside it, never overwritten.
+    local arg kept
     for arg in ${MZ_PASSTHROUGH[@]+"${MZ_PASSTHROUGH[@]}"}; do
         [[ $arg != --resume && $arg != --resume=* ]] || return 0
     done
+    if [[ $MZ_KIND != eval && -d $MZ_RUN_DIR ]] && [[ $MZ_LAUNCH != multinode || ${MZ_OPT[node_rank]} == 0 ]]; then
+        kept="$MZ_RUN_DIR.$(date +%Y%m%d-%H%M%S)"
+        mv "$MZ_RUN_DIR" "$kept"
+        echo "an earlier run of this case is kept in $kept"
+    fi
     rm -f "$MZ_RUN_DIR/metrics.jsonl" "$MZ_RUN_DIR/args.json"
 }
 
@@ -216,7 +246,7 @@ mz_now() {
 
 mz_run() {
     local status start end
-    echo "CaseName $MZ_CASE_NAME: $MZ_WORLD_SIZE process(es) on $MZ_DEVICE_TYPE; log: $MZ_TRAIN_LOG"
+    echo "CaseName $MZ_CASE_NAME: $MZ_WORLD_SIZE process(es) on $MZ_DEVICE_TYPE, $MZ_DEVICE_BATCH_SIZE images each per step; log: $MZ_TRAIN_LOG"
     start=$(mz_now)
     {
         printf '%q ' "${MZ_COMMAND[@]}"
@@ -240,9 +270,9 @@ mz_summary() {
         return 0
     fi
     "$MZ_PYTHON" "$MZ_TEST_DIR/modelzoo_helper.py" summary --metrics "$MZ_RUN_DIR/metrics.jsonl" \
-        --kind "$MZ_KIND" --case-name "$MZ_CASE_NAME" --case-log "$MZ_OUTPUT_DIR/$MZ_CASE_NAME.log" \
-        --loss-file "$MZ_OUTPUT_DIR/train_${MZ_CASE_NAME}_loss.txt" --arch "$MZ_ARCH" \
-        --batch-size "$MZ_BATCH_SIZE" --rank-size "$MZ_WORLD_SIZE" --device-type "$MZ_DEVICE_TYPE" \
+        --kind "$MZ_KIND" --network "$MZ_NETWORK" --case-name "$MZ_CASE_NAME" \
+        --case-log "$MZ_OUTPUT_DIR/$MZ_CASE_NAME.log" --loss-file "$MZ_OUTPUT_DIR/train_${MZ_CASE_NAME}_loss.txt" \
+        --batch-size "$MZ_BATCH_SIZE" --rank-size "$MZ_WORLD_SIZE" --device-type "$(uname -m)" \
         --e2e "$MZ_E2E" || mz_die "no summary; full log: $MZ_TRAIN_LOG" 1
 }
 

@@ -4,11 +4,21 @@
 # does nothing and prints nothing. Meant to be sourced (also under `set -euo pipefail`);
 # values already in the environment win over the defaults below.
 
+_npu_env_installed_path() {
+    # CANN's installer records a custom location in ascend_cann_install.info (Install_Path=...).
+    local info=${ASCEND_CANN_INSTALL_INFO:-/etc/Ascend/ascend_cann_install.info}
+    [[ -r $info ]] || return 0
+    sed -n 's/^[[:space:]]*Install_Path[[:space:]]*=[[:space:]]*//p' "$info" | head -n 1
+}
+
 _npu_env_find_cann() {
-    # First CANN environment script found: an explicit ASCEND_INSTALL_PATH, the system-wide
-    # toolkit (or the inference-only nnae package), then a per-user install.
-    local root
-    for root in ${ASCEND_INSTALL_PATH:+"$ASCEND_INSTALL_PATH"} /usr/local/Ascend "${HOME:-/nonexistent}/Ascend"; do
+    # First CANN environment script found: an explicit ASCEND_INSTALL_PATH, the path CANN's
+    # installer recorded, the system-wide toolkit (or the inference-only nnae package), then a
+    # per-user install.
+    local root recorded
+    recorded=$(_npu_env_installed_path)
+    for root in ${ASCEND_INSTALL_PATH:+"$ASCEND_INSTALL_PATH"} ${recorded:+"$recorded"} /usr/local/Ascend \
+        "${HOME:-/nonexistent}/Ascend"; do
         if [[ -f "$root/ascend-toolkit/set_env.sh" ]]; then
             printf '%s\n' "$root/ascend-toolkit/set_env.sh"
             return 0
@@ -57,4 +67,4 @@ _npu_env_setup() {
 }
 
 _npu_env_setup
-unset -f _npu_env_setup _npu_env_find_cann
+unset -f _npu_env_setup _npu_env_find_cann _npu_env_installed_path

@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,18 @@ TINY_IMAGE_SIZE = 75
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _isolated_cache(tmp_path_factory):
-    """--dummy data sets go to a temporary cache, never the user's."""
+def _isolated_environment(tmp_path_factory):
+    """Caches in temporary folders, never the user's; no downloads; HCCL's collective rules.
+
+    Subprocesses (torchrun, the test/ scripts) inherit all of it.
+    """
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch-home"))
+    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf-home"))
+    os.environ.pop("HF_HUB_CACHE", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    # Every collective checked against what HCCL accepts, as on an NPU (training.distributed).
+    os.environ["STRICT_COLLECTIVES"] = "hccl"
     os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
@@ -62,13 +73,33 @@ def quick_args(data: Path, output: Path, arch: str = "inception_v3", *extra: str
 
 
 def metrics_of(output: Path) -> list[dict]:
-    return read_metrics(output / "metrics.jsonl")
+    """The epoch (and evaluation) records of a run's metrics.jsonl."""
+    return [record for record in read_metrics(output / "metrics.jsonl") if record["mode"] != "step"]
+
+
+def step_records(output: Path) -> list[dict]:
+    """The per-print-step records of a run's metrics.jsonl."""
+    return [record for record in read_metrics(output / "metrics.jsonl") if record["mode"] == "step"]
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def fresh_checkout(tmp_path_factory) -> Path:
+    """A copy of the repository as a fresh clone has it: tracked files, nothing trained or built."""
+    listing = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                             capture_output=True, text=True, check=True)
+    root = tmp_path_factory.mktemp("checkout") / "repo"
+    for name in filter(None, listing.stdout.split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    return root
 
 
 @pytest.fixture(scope="session")

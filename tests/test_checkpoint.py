@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from training.checkpoint import (CheckpointError, find_latest_checkpoint, find_resume_checkpoint,
+from training.checkpoint import (CheckpointError, find_newest_run_checkpoint, find_resume_checkpoint,
                                  load_checkpoint, save_checkpoint)
 
 
@@ -77,10 +77,19 @@ def test_load_errors_name_the_file(tmp_path):
         load_checkpoint(weights_only)
 
 
-def test_resume_and_latest_skip_unreadable_files(tmp_path):
-    assert find_resume_checkpoint(tmp_path) is None and find_latest_checkpoint(tmp_path / "none") is None
+def test_resume_and_newest_run_skip_unreadable_files(tmp_path):
+    assert find_resume_checkpoint(tmp_path) is None and find_newest_run_checkpoint([tmp_path / "none"]) is None
     save_checkpoint(_state(3.0), tmp_path / "model_best.pth.tar")
     (tmp_path / "checkpoint.pth.tar").write_bytes(b"not a checkpoint")
     assert find_resume_checkpoint(tmp_path) == tmp_path / "model_best.pth.tar"
     save_checkpoint(_state(4.0), tmp_path / "run2" / "checkpoint.pth.tar")
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "run2" / "checkpoint.pth.tar"
+    assert find_newest_run_checkpoint([tmp_path]) == (tmp_path / "run2" / "checkpoint.pth.tar").resolve()
+
+
+def test_the_newest_run_gives_its_best_model(tmp_path):
+    old, new = tmp_path / "a" / "old", tmp_path / "b" / "new"
+    save_checkpoint(_state(1.0), old / "checkpoint.pth.tar")
+    os.utime(old / "checkpoint.pth.tar", (1, 1))
+    save_checkpoint(_state(2.0), new / "model_best.pth.tar")
+    save_checkpoint(_state(3.0), new / "checkpoint.pth.tar")
+    assert find_newest_run_checkpoint([tmp_path / "a", tmp_path / "b"]) == (new / "model_best.pth.tar").resolve()

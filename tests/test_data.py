@@ -12,25 +12,32 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from models.preprocess import INCEPTION_V3, PreprocessConfig
+from awkward_files import add_awkward_files
+from bench.reference_transforms import classic_eval_transform, classic_train_transform
+from models.preprocess import INCEPTION_V3, Normalizer, PreprocessConfig
 from training import dummy_data
-from training.data import (DatasetError, DeviceLoader, EvalShardSampler, ImageFolderDataset, build_datasets,
-                           build_loader, collate_batch, default_workers, find_split_dirs)
+from training.data import (Collate, DatasetError, EvalShardSampler, ImageFolderDataset, SampleKey, TrainSampler,
+                           build_datasets, build_loader, collate_batch, default_workers, find_split_dirs)
 from training.dummy_data import ensure_dummy_imagefolder, make_imagefolder
-from training.transforms import (EvalTransform, TrainTransform, classic_eval_transform, classic_train_transform,
-                                 random_resized_crop_params)
+from training.prefetch import DeviceLoader
+from training.transforms import EvalTransform, TrainTransform, random_resized_crop_params
 
 MEAN, STD = INCEPTION_V3.mean, INCEPTION_V3.std
-SMALL = PreprocessConfig(input_size=32, crop_pct=0.875, interpolation="bilinear", mean=MEAN, std=STD,
-                         min_input_size=8)
+SMALL = PreprocessConfig(input_size=32, crop_pct=0.875, interpolation="bilinear", mean=MEAN, std=STD)
+BROKEN = ("corrupt", "garbage")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """3 classes, 4 train + 3 val JPEGs each, plus odd colour modes and broken files in class 0."""
-    return make_imagefolder(tmp_path_factory.mktemp("data"), num_classes=3, train_per_class=4, val_per_class=3,
-                            image_size=(48, 40), seed=3, sizes_jitter=0.2,
-                            extras=("gray", "cmyk", "palette", "rgba", "corrupt", "garbage"))
+    root = make_imagefolder(tmp_path_factory.mktemp("data"), num_classes=3, train_per_class=4, val_per_class=3,
+                            image_size=(48, 40), seed=3, sizes_jitter=0.2)
+    add_awkward_files(root, num_classes=3)
+    return root
+
+
+def _broken_indices(dataset: ImageFolderDataset) -> list[int]:
+    return [i for i, (path, _) in enumerate(dataset.samples) if any(f"extra_{kind}" in path for kind in BROKEN)]
 
 
 def _classic_uint8(tensor: torch.Tensor) -> torch.Tensor:
@@ -89,16 +96,39 @@ def test_scan_finds_classes_and_extensions(tmp_path):
 
 # --- unreadable images and colour modes ------------------------------------------------
 
-def test_unreadable_images_are_skipped_and_reported(folder):
+def test_unreadable_images_are_replaced_and_reported(folder):
     dataset = ImageFolderDataset(folder / "train", EvalTransform(16, 18))
-    broken = {str(folder / "train" / "class_00" / f"extra_{kind}.jpg") for kind in ("corrupt", "garbage")}
+    broken = _broken_indices(dataset)
+    assert len(broken) == 2
+    for index in broken:
+        key = SampleKey(index, seed=1234 + index)
+        image, label, replaced = dataset[key]
+        assert image.shape == (3, 16, 16) and replaced == dataset.samples[index][0]
+        again, label_again, _ = dataset[key]
+        assert torch.equal(image, again) and label == label_again  # the replacement follows from the key
     items = [dataset[i] for i in range(len(dataset))]
-    assert {path for image, _, path in items if image is None} == broken
-    images, labels, skipped = collate_batch(items)
-    assert set(skipped) == broken
-    assert images.shape == (len(dataset) - 2, 3, 16, 16) and labels.shape == (len(dataset) - 2,)
-    loader = build_loader(dataset, 4, train=False, workers=0)
-    assert sorted(p for _, _, batch_skipped in loader for p in batch_skipped) == sorted(broken)
+    images, labels, replaced = collate_batch(items)
+    assert images.shape == (len(dataset), 3, 16, 16) and labels.shape == (len(dataset),)  # a full batch
+    assert sorted(replaced) == sorted(dataset.samples[i][0] for i in broken)
+
+
+def test_a_bug_in_the_transform_is_not_an_unreadable_image(folder):
+    class Buggy(EvalTransform):
+        def finish(self, decoded):
+            raise ValueError("a bug in the resize")
+
+    dataset = ImageFolderDataset(folder / "val", Buggy(16, 18))
+    with pytest.raises(ValueError, match="a bug in the resize"):
+        dataset[0]
+
+
+def test_a_data_set_of_broken_files_is_an_error(tmp_path):
+    make_imagefolder(tmp_path, 1, 2, 1, image_size=16)
+    for path in (tmp_path / "train").rglob("*.jpg"):
+        path.write_bytes(b"garbage")
+    dataset = ImageFolderDataset(tmp_path / "train", EvalTransform(16, 18))
+    with pytest.raises(DatasetError, match="nor 16 replacements"):
+        dataset[SampleKey(0, 7)]
 
 
 def test_strict_mode_names_the_file(folder):
@@ -106,13 +136,6 @@ def test_strict_mode_names_the_file(folder):
     index = next(i for i, (path, _) in enumerate(dataset.samples) if path.endswith("extra_corrupt.jpg"))
     with pytest.raises(DatasetError, match="cannot read image .*extra_corrupt.jpg"):
         dataset[index]
-
-
-def test_all_corrupt_batch_is_empty():
-    images, labels, skipped = collate_batch([(None, 0, "a.jpg"), (None, 1, "b.jpg")])
-    assert images.shape == (0, 3, 0, 0) and images.dtype == torch.uint8
-    assert labels.shape == (0,) and labels.dtype == torch.int64
-    assert skipped == ["a.jpg", "b.jpg"]
 
 
 @pytest.mark.parametrize("kind, mode", [("gray", "L"), ("cmyk", "CMYK"), ("palette", "P"), ("rgba", "RGBA")])
@@ -202,11 +225,23 @@ def test_eval_transform_matches_resize_center_crop(tmp_path):
 
 
 def test_transforms_pickle(folder):
-    for transform in (TrainTransform(24, "bicubic"), EvalTransform(24, 28)):
+    for transform in (TrainTransform(24, "bicubic"), EvalTransform(24, 28), Collate(False)):
         clone = pickle.loads(pickle.dumps(transform))
         assert repr(clone) == repr(transform)
     dataset = pickle.loads(pickle.dumps(ImageFolderDataset(folder / "val", EvalTransform(16, 18))))
     assert dataset[0][0].shape == (3, 16, 16)
+
+
+def test_a_sample_key_fixes_the_augmentation(folder):
+    train, _ = build_datasets(folder, 16, SMALL)
+    torch.manual_seed(0)
+    first = train[SampleKey(1, seed=99)][0]
+    torch.manual_seed(5)  # the global generator does not matter, and is left alone
+    state = torch.get_rng_state()
+    assert torch.equal(train[SampleKey(1, seed=99)][0], first)
+    assert torch.equal(torch.get_rng_state(), state)
+    others = [train[SampleKey(1, seed=seed)][0] for seed in range(4)]
+    assert any(not torch.equal(other, first) for other in others)
 
 
 # --- samplers and loaders --------------------------------------------------------------
@@ -220,74 +255,89 @@ def test_eval_shard_sampler_covers_every_index_once():
 
 def test_val_loader_reads_everything_in_order(folder):
     _, val = build_datasets(folder, 16, SMALL)
-    loader = build_loader(val, 4, train=False, workers=0)
+    loader = build_loader(val, 4, EvalShardSampler(len(val)), train=False, workers=0)
     labels = torch.cat([batch_labels for _, batch_labels, _ in loader])
     assert labels.tolist() == val.targets and len(loader) == 3  # 9 images: 4 + 4 + 1
 
 
-def _first_batch(dataset, workers: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(123)  # augmentation RNG when workers == 0
-    loader = build_loader(dataset, 4, train=True, workers=workers, seed=seed, persistent_workers=False)
-    images, labels, _ = next(iter(loader))
-    return images, labels
+def test_train_sampler_shards_reshuffles_and_skips():
+    samplers = [TrainSampler(11, seed=3, rank=rank, world_size=2) for rank in range(2)]
+    epoch0 = [[key.index for key in sampler] for sampler in samplers]
+    assert [len(order) for order in epoch0] == [5, 5] and not set(epoch0[0]) & set(epoch0[1])  # 1 dropped
+    for sampler in samplers:
+        sampler.set_epoch(1)
+    assert [[key.index for key in sampler] for sampler in samplers] != epoch0
+    samplers[0].set_epoch(0)
+    samplers[0].skip(3)
+    assert len(samplers[0]) == 2 and [key.index for key in samplers[0]] == epoch0[0][3:]
+    keys = list(TrainSampler(11, seed=3, rank=0, world_size=2))
+    assert list(TrainSampler(11, seed=3, rank=0, world_size=2)) == keys  # the seed decides everything
+    assert [key.index for key in TrainSampler(11, seed=4, rank=0, world_size=2)] != epoch0[0]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_train_loader_reproducible_given_seed(folder, workers):
+def test_train_batches_do_not_depend_on_workers(folder, workers):
     train, _ = build_datasets(folder, 16, SMALL)
-    images_a, labels_a = _first_batch(train, workers, seed=1)
-    images_b, labels_b = _first_batch(train, workers, seed=1)
-    assert labels_a.shape == (4,) and images_a.shape == (4, 3, 16, 16)
-    assert torch.equal(labels_a, labels_b) and torch.equal(images_a, images_b)
-    order = [list(build_loader(train, 1, train=True, workers=0, seed=s).sampler) for s in (1, 2)]
-    assert order[0] != order[1]  # the seed does choose the order
+
+    def batches(count: int) -> list[torch.Tensor]:
+        loader = build_loader(train, 4, TrainSampler(len(train), seed=1), train=True, workers=count)
+        return [images for images, _, _ in loader]
+
+    reference, other = batches(0), batches(workers)
+    assert len(reference) == len(train) // 4 and reference[0].shape == (4, 3, 16, 16)
+    assert all(torch.equal(a, b) for a, b in zip(reference, other))
 
 
-def test_train_loader_drops_last_and_reshuffles(folder):
-    train, _ = build_datasets(folder, 16, SMALL)
-    loader = build_loader(train, 5, train=True, workers=0, seed=0)
-    assert len(loader) == len(train) // 5
-    epochs = [list(loader.sampler) for _ in range(2)]
-    assert epochs[0] != epochs[1] and sorted(epochs[0]) == list(range(len(train)))
-    loader.sampler.set_epoch(0)
-    assert list(loader.sampler) == epochs[0]  # resuming at an epoch replays its order
+def test_collate_memory_formats(folder):
+    _, val = build_datasets(folder, 16, SMALL)
+    items = [val[i] for i in range(3)]
+    nhwc = Collate(channels_last=True)(items)[0]
+    nchw = Collate(channels_last=False)(items)[0]
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
+    assert nchw.is_contiguous() and torch.equal(nhwc, nchw)
 
 
 def test_default_workers():
     cpus = len(os.sched_getaffinity(0))
     assert default_workers() == min(8, max(0, cpus - 1))
-    assert default_workers(world_size=10 * cpus) == 0
+    assert default_workers(processes_on_node=10 * cpus) == 0
 
 
 # --- device stage ----------------------------------------------------------------------
 
 def test_device_loader_normalises_on_device(folder):
     _, val = build_datasets(folder, 16, SMALL)
-    loader = build_loader(val, 4, train=False, workers=0)
+    loader = build_loader(val, 4, EvalShardSampler(len(val)), train=False, workers=0)
     raw = list(loader)
-    device_loader = DeviceLoader(loader, torch.device("cpu"), MEAN, STD)
+    device_loader = DeviceLoader(loader, torch.device("cpu"), Normalizer(MEAN, STD))
     assert len(device_loader) == len(loader) and device_loader.sampler is loader.sampler
-    device_loader.set_epoch(3)  # no set_epoch on a sequential sampler: a no-op
+    device_loader.set_epoch(3)  # no set_epoch on an eval sampler: a no-op
     batches = list(device_loader)
     assert len(batches) == len(raw)
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    for (images, labels, skipped), (raw_images, raw_labels, _) in zip(batches, raw):
+    for (images, labels, replaced), (raw_images, raw_labels, _) in zip(batches, raw):
         assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(images, (raw_images.float() / 255 - mean) / std, atol=1e-5, rtol=0)
-        assert labels.dtype == torch.int64 and torch.equal(labels, raw_labels) and skipped == []
+        assert labels.dtype == torch.int64 and torch.equal(labels, raw_labels) and replaced == []
 
-    plain = next(iter(DeviceLoader(loader, "cpu", MEAN, STD, channels_last=False, dtype=torch.bfloat16)))[0]
-    assert plain.dtype == torch.bfloat16 and plain.is_contiguous()
+    contiguous = build_loader(val, 4, EvalShardSampler(len(val)), train=False, workers=0, channels_last=False)
+    plain = next(iter(DeviceLoader(contiguous, "cpu", Normalizer(MEAN, STD), channels_last=False)))[0]
+    assert plain.is_contiguous()
+    torch.testing.assert_close(plain, batches[0][0], atol=0, rtol=0)
 
 
-def test_device_loader_passes_set_epoch_and_empty_batches(folder):
+def test_normalizer_rejects_float_input():
+    with pytest.raises(TypeError, match="uint8"):
+        Normalizer(MEAN, STD)(torch.zeros(1, 3, 4, 4))
+
+
+def test_device_loader_forwards_set_epoch_and_skip(folder):
     train, _ = build_datasets(folder, 16, SMALL)
-    device_loader = DeviceLoader(build_loader(train, 4, train=True, workers=0), "cpu", MEAN, STD)
+    loader = build_loader(train, 4, TrainSampler(len(train), seed=0), train=True, workers=0)
+    device_loader = DeviceLoader(loader, "cpu", Normalizer(MEAN, STD))
     device_loader.set_epoch(5)
-    assert device_loader.sampler.epoch == 5
-    empty = DeviceLoader([collate_batch([(None, 0, "x.jpg")])], "cpu", MEAN, STD)
-    images, labels, skipped = next(iter(empty))
-    assert images.shape == (0, 3, 0, 0) and labels.numel() == 0 and skipped == ["x.jpg"]
+    device_loader.skip(8)
+    assert device_loader.sampler.epoch == 5 and len(device_loader) == (len(train) - 8) // 4
 
 
 # --- embedded dummy data set -----------------------------------------------------------

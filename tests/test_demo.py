@@ -12,7 +12,6 @@ import torch
 
 import demo
 import models
-from conftest import REPO
 
 TOP_LINE = re.compile(r"^\s*(\d+)\.\s+([\d.]+)%\s+(.+) \((\d+)\)$")
 
@@ -47,17 +46,26 @@ def test_newest_checkpoint_under_output_is_found(trained_checkpoint, tmp_path, m
         shutil.copy(trained_checkpoint, target)
     os.utime(older, (1, 1))  # modified in 1970
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TEST_OUTPUT_DIR", raising=False)
     assert demo.main([]) == 0
-    assert "checkpoint: output/new/model_best.pth.tar" in capsys.readouterr().out
+    assert f"checkpoint: {tmp_path / 'output/new/model_best.pth.tar'}" in capsys.readouterr().out
 
 
-def test_missing_checkpoint_gives_the_training_hint(tmp_path):
-    # The real command line, from a folder without output/.
-    result = subprocess.run([sys.executable, str(REPO / "demo.py")], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120)
+def test_upstream_spellings(trained_checkpoint, capsys):
+    assert demo.main(["--model-path", str(trained_checkpoint), "--device", "cpu", "--device-list", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "--device-list is accepted for ModelZoo command lines but has no effect" in captured.err
+    assert len(top_lines(captured.out)) == 3
+
+
+def test_missing_checkpoint_gives_the_training_hint(fresh_checkout, tmp_path):
+    # The real command line, in a checkout where nothing was trained yet.
+    env = {key: value for key, value in os.environ.items() if key != "TEST_OUTPUT_DIR"}
+    result = subprocess.run([sys.executable, str(fresh_checkout / "demo.py")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=env)
     assert result.returncode == 1
-    assert result.stderr.strip() == ("error: no checkpoint found under output/; train one first, "
-                                     "e.g. python main.py -a inception_v3 --dummy --epochs 2")
+    assert result.stderr.startswith("error: no checkpoint found under output, ")
+    assert "train one first (bash quickstart.sh), or give --checkpoint FILE" in result.stderr
 
 
 def test_bad_image_path_is_one_line(trained_checkpoint, tmp_path, capsys):

@@ -8,28 +8,23 @@ train (75-pixel images, 2 images per device, 2 steps).
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 import models
-from conftest import REPO, TINY_IMAGE_SIZE, free_port, metrics_of, run_main
+from awkward_files import add_awkward_files
+from conftest import TINY_IMAGE_SIZE, free_port, metrics_of, run_main
+from processes import finish, launch, run_to_end, wait_for_file, wait_for_line, worker_of
 from training import checkpoint as checkpoints
-from training.data import DeviceLoader, build_datasets, build_loader
-from training.distributed import DistInfo
+from training.data import EvalShardSampler, build_datasets, build_loader
+from training.dummy_data import make_imagefolder
 from training.metrics import setup_logging
-from training.options import parse_args
-from training.run import Run
-
-LAUNCH_TIMEOUT = 300  # seconds; a launch normally takes 15-60 s on two busy cores
-
+from training.prefetch import DeviceLoader
 
 def tiny_args(data: Path, output: Path, arch: str = "xception", *extra: str) -> list[str]:
     """main.py options for a run of two 2-image steps per device (lr kept small: no NaN)."""
@@ -41,67 +36,6 @@ def tiny_args(data: Path, output: Path, arch: str = "xception", *extra: str) -> 
 def torchrun_command(*main_args: str, nproc: int = 2, rendezvous: tuple[str, ...] = ("--standalone",)) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *rendezvous,
             "main.py", *[str(a) for a in main_args]]
-
-
-def launch(command: list[str], log: Path) -> subprocess.Popen:
-    """Start ``command`` in the repository root, stdout and stderr to ``log``."""
-    # Several processes share two cores: one intra-op thread each avoids oversubscription.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with log.open("w") as stream:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT)
-
-
-def finish(process: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -> str:
-    """Wait for ``process`` (killing it after ``timeout``) and return its output."""
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(process)
-        pytest.fail(f"still running after {timeout}s:\n{log.read_text()[-4000:]}")
-    return log.read_text()
-
-
-def run_to_end(command: list[str], log: Path) -> tuple[int, str]:
-    process = launch(command, log)
-    output = finish(process, log)
-    return process.returncode, output
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    try:
-        family = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for member in family:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    process.kill()
-    process.wait()
-
-
-def worker_of(launcher: subprocess.Popen, rank: int) -> psutil.Process:
-    """The training process of global ``rank`` among the launcher's descendants."""
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank):
-                return child
-        except psutil.Error:  # exited meanwhile, or not readable
-            continue
-    raise AssertionError(f"no worker with RANK={rank} under pid {launcher.pid}")
-
-
-def wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -> None:
-    """Wait until ``path`` exists while ``process`` runs."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            pytest.fail(f"exited ({process.returncode}) before {path.name} appeared:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            _kill_tree(process)
-            pytest.fail(f"{path.name} did not appear within {timeout}s")
-        time.sleep(0.1)
 
 
 def assert_rank0_outputs(output: Path) -> None:
@@ -137,8 +71,8 @@ def eval_checkpoint(tiny_data, tmp_path_factory) -> Path:
     model = models.create_model("xception", num_classes=10)
     preprocess = models.preprocess_config("xception")
     train_set, _ = build_datasets(tiny_data, TINY_IMAGE_SIZE, preprocess)
-    [(images, labels, _)] = DeviceLoader(build_loader(train_set, len(train_set), train=False, workers=0), "cpu",
-                                         preprocess.mean, preprocess.std)
+    loader = build_loader(train_set, len(train_set), EvalShardSampler(len(train_set)), train=False, workers=0)
+    [(images, labels, _)] = DeviceLoader(loader, "cpu", models.Normalizer(preprocess.mean, preprocess.std))
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()
@@ -176,8 +110,8 @@ def test_torchrun_two_processes_train_and_report_like_one(tiny_data, eval_checkp
     assert record["train_steps"] == 2 and record["train_images"] == 8  # 2 steps x 2 images x 2 ranks
     assert record["val_images"] == 15  # every val image once, though 15 is odd
     assert 0 < record["fps_per_device"] < record["fps"]  # fps is the job's, summed over ranks
-    assert "[rank 0] batch size 2 per device x 2 = 4 global" in log
-    assert "[rank 0]  * FPS@all " in log and "[rank 0]  * Acc@1 " in log
+    assert "\nbatch size 2 per device x 2 = 4 global" in log
+    assert "\n[cpu id: 0 ] * FPS@all " in log and "\n * Acc@1 " in log  # bare, for the ModelZoo parsers
 
     alone = single_process_evaluation(tiny_data, output / checkpoints.LAST_NAME, tmp_path / "eval", "xception",
                                       "--num-classes", "10")
@@ -205,7 +139,7 @@ def test_validation_is_identical_on_1_2_and_3_processes(tiny_data, eval_checkpoi
         assert record["val_images"] == 15, record
         assert (record["val_acc1"], record["val_acc5"]) == (alone["val_acc1"], alone["val_acc5"]), (nproc, record)
         assert record["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-5)
-        assert f"[rank 0]  * Acc@1 {alone['val_acc1']:.3f} Acc@5 {alone['val_acc5']:.3f}" in log
+        assert f"\n * Acc@1 {alone['val_acc1']:.3f} Acc@5 {alone['val_acc5']:.3f}" in log
 
 
 # -- several nodes, and the ModelZoo launcher ---------------------------------------------
@@ -226,20 +160,22 @@ def test_two_nodes_on_localhost(tiny_data, tmp_path):
     assert_rank0_outputs(output)
     [record] = metrics_of(output)
     assert record["world_size"] == 2 and record["train_images"] == 8 and record["val_images"] == 15
-    assert "[rank 0] arch inception_v3" in outputs[0] and "[rank 0]" not in outputs[1]
+    assert "network: inception_v3" in outputs[0] and "network:" not in outputs[1]
 
 
 def test_modelzoo_multiprocessing_distributed_device_list(tiny_data, tmp_path):
-    """``--multiprocessing-distributed --device_list 0,1`` spawns two CPU processes."""
+    """``--multiprocessing-distributed --device_list 0,1`` spawns two CPU processes; ``-b`` is the
+    node's batch, split between them, as ModelZoo's main.py does."""
     output = tmp_path / "out"
-    command = [sys.executable, "main.py", *tiny_args(tiny_data, output), "--multiprocessing-distributed",
+    command = [sys.executable, "main.py", *tiny_args(tiny_data, output), "-b", "4", "--multiprocessing-distributed",
                "--device_list", "0,1", "--addr", "127.0.0.1", "--port", str(free_port())]
     code, log = run_to_end(command, tmp_path / "log")
     assert code == 0, log
     assert_rank0_outputs(output)
     [record] = metrics_of(output)
     assert record["world_size"] == 2 and record["train_images"] == 8 and record["val_images"] == 15
-    assert "[rank 0] arch xception, 3 classes, 24 training images, image size 75, device cpu, 2 process(es)" in log
+    assert "network: xception, 3 classes, 24 training images, image size 75, device cpu, 2 process(es)" in log
+    assert "-b 4 per node / 2 devices = 2 per device" in log and "batch size 2 per device x 2 = 4 global" in log
 
 
 # -- faults -------------------------------------------------------------------------------
@@ -249,7 +185,7 @@ def test_killed_rank_ends_the_job_with_an_error(tiny_data, tmp_path):
     log = tmp_path / "log"
     process = launch(torchrun_command(*tiny_args(tiny_data, output, "xception", "--epochs", "50",
                                                  "--dist-timeout", "60")), log)
-    wait_for(output / "args.json", process, log)  # rank 0 is past start-up and about to train
+    wait_for_file(output / "args.json", process, log)  # rank 0 is past start-up and about to train
     worker_of(process, rank=1).send_signal(signal.SIGKILL)
     killed = time.monotonic()
     text = finish(process, log, timeout=120)
@@ -265,34 +201,63 @@ def test_max_restarts_resumes_a_crashed_job(tiny_data, tmp_path):
     args = tiny_args(tiny_data, output, "xception", "--epochs", "3", "--resume", "auto")
     rendezvous = ("--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--max-restarts", "1")
     process = launch(torchrun_command(*args, rendezvous=rendezvous), log)
-    wait_for(output / "metrics.jsonl", process, log)  # epoch 1 is saved
+    wait_for_file(output / checkpoints.LAST_NAME, process, log)  # epoch 1 is saved
     worker_of(process, rank=1).send_signal(signal.SIGKILL)
     text = finish(process, log)
     assert process.returncode == 0, text
-    assert "no checkpoint yet, starting fresh" in text and "[rank 0] --resume auto: resuming from" in text
+    assert "no checkpoint yet, starting fresh" in text and "--resume auto: resuming from" in text
     epochs = [record["epoch"] for record in metrics_of(output)]
     assert epochs[-1] == 3 and epochs == sorted(set(epochs)), epochs
     assert checkpoints.load_checkpoint(output / checkpoints.LAST_NAME)["epoch"] == 3
 
 
-# -- options that do not need a launch ----------------------------------------------------
+# -- in step whatever happens ------------------------------------------------------------------
 
-def test_sync_bn_on_cpu_is_refused_with_the_reason(tiny_data, tmp_path):
-    """torch's SyncBatchNorm has no CPU kernel; say so instead of failing in the first step."""
-    args = parse_args(tiny_args(tiny_data, tmp_path, "xception", "--sync-bn"))
-    run = Run(args, DistInfo(rank=0, world_size=2, local_rank=0, local_world_size=2), torch.device("cpu"))
-    with pytest.raises(ValueError, match="--sync-bn needs GPUs or NPUs: torch's SyncBatchNorm has no cpu"):
-        run.execute()
+def test_unreadable_images_keep_ranks_in_step_and_a_recipe_warm_up_learns(tmp_path):
+    """Two ranks, broken files among the images, the multi-device recipe's warm-up (5 of 150
+    epochs, scaled to this 4-epoch run): full batches on both ranks, replaced images counted,
+    and the network learns well above chance."""
+    data = make_imagefolder(tmp_path / "data", num_classes=4, train_per_class=24, val_per_class=8,
+                            image_size=(84, 84), seed=3)
+    add_awkward_files(data, kinds=("corrupt", "garbage"), num_classes=4, size=(84, 84))
+    output = tmp_path / "out"
+    args = ["-a", "xception", "--data", data, "--output_dir", output, "--image-size", 64, "-b", 8, "-j", 0,
+            "--epochs", 4, "--lr", 0.05, "--seed", 1, "--dist-timeout", 120, "--progress", "lines"]
+    code, log = run_to_end(torchrun_command(*args), tmp_path / "log")
+    assert code == 0, log
+    assert "warm-up scaled with the run: the recipe's 5 of 150 epochs -> 0.133 of 4" in log
+    records = metrics_of(output)
+    assert [r["train_images"] for r in records] == [6 * 8 * 2] * 4  # 98 images / 2 ranks / 8: 6 full steps
+    assert sum(r["replaced_images"] for r in records) >= 1 and "replaced unreadable image" in log
+    assert max(r["val_acc1"] for r in records) >= 40.0, records  # chance is 25 %
 
 
-def test_other_ranks_log_warnings_with_their_rank(capsys):
+def test_sigterm_stops_every_rank_together(tiny_data, tmp_path):
+    output, log = tmp_path / "out", tmp_path / "log"
+    args = tiny_args(tiny_data, output, "xception", "--epochs", "3", "--max-steps", "6", "--save-every", "0")
+    process = launch(torchrun_command(*args), log)
+    wait_for_line(r"^Epoch: \[0\]\[1/6\]", process, log)
+    worker_of(process, rank=1).send_signal(signal.SIGTERM)  # one rank only: both stop after the same step
+    text = finish(process, log)
+    assert process.returncode != 0 and "[rank 1] SIGTERM received" in text
+    assert "exitcode: 75" in text  # the preempted workers' status, as torchrun reports it
+    saved = checkpoints.load_checkpoint(output / checkpoints.LAST_NAME)
+    assert saved["epoch"] == 0 and 1 <= saved["step"] < 6
+    assert f"at epoch 0 step {saved['step']} of 6" in text
+
+
+# -- logging ----------------------------------------------------------------------------
+
+def test_warnings_name_their_rank_and_progress_lines_stay_bare(capsys):
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
         setup_logging(rank=1, world_size=2)
-        logging.getLogger("training").info("rank 0 alone prints progress")
-        logging.getLogger("training").warning("skipped unreadable image: x.jpg")
+        logging.getLogger("training").info("rank 1 prints no progress")
+        logging.getLogger("training").warning("replaced unreadable image: x.jpg")
+        setup_logging(rank=0, world_size=2)
+        logging.getLogger("training").info("[cpu id: 0 ] * FPS@all 1.000")
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
-    assert capsys.readouterr().out == "[rank 1] skipped unreadable image: x.jpg\n"
+    assert capsys.readouterr().out == "[rank 1] replaced unreadable image: x.jpg\n[cpu id: 0 ] * FPS@all 1.000\n"

@@ -1,7 +1,10 @@
 """pthtar2onnx.py: both architectures export and match onnxruntime; ModelZoo and bare files."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from torch import nn
 
 import models
 import pthtar2onnx
+from training.transforms import read_eval_image
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -26,9 +30,13 @@ def calibrated_model(arch: str, num_classes: int = 3) -> nn.Module:
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = None  # running statistics: the average over the calibration batches
     model.train()
+    preprocess = models.preprocess_config(arch)
+    normalize = models.Normalizer(preprocess.mean, preprocess.std)
+    sample = read_eval_image(pthtar2onnx.SAMPLE_IMAGE, SIZE, preprocess)
     with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, 3, SIZE, SIZE))
+        for _ in range(2):  # images like the ones the export is checked on: the sample and random pixels
+            noise = torch.randint(0, 256, (7, 3, SIZE, SIZE), dtype=torch.uint8)
+            model(normalize(torch.cat([sample, noise])))
     return model.eval()
 
 
@@ -106,7 +114,27 @@ def test_options_are_checked(tmp_path, capsys):
     assert "give the checkpoint once" in capsys.readouterr().err
 
 
-def test_no_checkpoint_gives_the_hint(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert pthtar2onnx.main([]) == 1
-    assert "no checkpoint found under output/" in capsys.readouterr().err
+def test_no_checkpoint_gives_the_hint(fresh_checkout, tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "TEST_OUTPUT_DIR"}
+    result = subprocess.run([sys.executable, str(fresh_checkout / "pthtar2onnx.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1 and result.stderr.startswith("error: no checkpoint found under output, ")
+
+
+def test_ema_weights_are_exported_unless_asked_not_to(tmp_path, capsys):
+    raw, averaged = calibrated_model("xception"), calibrated_model("xception")
+    with torch.no_grad():
+        averaged.fc.bias.add_(1.0)
+    checkpoint = {"arch": "xception", "epoch": 1, "state_dict": raw.state_dict(), "num_classes": 3,
+                  "ema_state_dict": averaged.state_dict(), "image_size": SIZE}
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save(checkpoint, path)
+    assert pthtar2onnx.main([str(path), "-o", str(tmp_path / "ema.onnx")]) == 0
+    assert "EMA weights" in capsys.readouterr().out
+    assert pthtar2onnx.main([str(path), "-o", str(tmp_path / "raw.onnx"), "--no-ema"]) == 0
+    assert "EMA weights" not in capsys.readouterr().out
+    session = {name: __import__("onnxruntime").InferenceSession(str(tmp_path / f"{name}.onnx"))
+               for name in ("ema", "raw")}
+    batch = torch.randn(1, 3, SIZE, SIZE).numpy()
+    (ema_out,), (raw_out,) = (session[name].run(None, {"actual_input_1": batch}) for name in ("ema", "raw"))
+    assert abs((ema_out - raw_out).mean() - 1.0) < 1e-4  # the averaged head's bias, +1

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import models
-from models import InceptionOutputs, create_model, list_models, preprocess_config, resolve_arch
+from models import InceptionOutputs, create_model, list_models, model_spec, preprocess_config, resolve_arch
 from models.preprocess import PreprocessConfig
 
 SMALL = {"inception_v3": 80, "xception": 32}  # small inputs that still exercise every layer
@@ -61,9 +61,7 @@ def test_preprocess_configs():
     assert isinstance(inc, PreprocessConfig)
     assert (inc.input_size, inc.crop_pct, inc.interpolation) == (299, 0.875, "bilinear")
     assert inc.mean == (0.485, 0.456, 0.406) and inc.std == (0.229, 0.224, 0.225)
-    assert inc.min_input_size == 75
     assert xc.mean == xc.std == (0.5, 0.5, 0.5)
-    assert xc.min_input_size == 7
     assert inc.eval_resize() == 342 and xc.eval_resize() == 342
     assert inc.eval_resize(224) == 256
     assert PreprocessConfig(**inc.as_dict()) == inc
@@ -71,11 +69,16 @@ def test_preprocess_configs():
         inc.input_size = 1  # frozen
 
 
-def test_create_model_sets_arch_and_preprocess():
+def test_specs_declare_what_each_model_has():
+    inception, xception = model_spec("inceptionv3"), model_spec("legacy_xception")
+    assert (inception.name, inception.aux_head, inception.min_input_size) == ("inception_v3", True, 75)
+    assert (xception.name, xception.aux_head, xception.min_input_size) == ("xception", False, 7)
+    assert inception.preprocess is preprocess_config("inception_v3")
+    assert "aux_logits" in inception.options and "aux_logits" not in xception.options
+    assert inception.published.model_options == {"transform_input": True}
     model = create_model("Xception", num_classes=7)
-    assert model.arch == "xception"
-    assert model.preprocess == preprocess_config("xception")
-    assert model.fc.out_features == 7
+    assert model.arch == "xception" and model.fc.out_features == 7
+    assert not hasattr(model, "preprocess")  # the registry holds it, once
 
 
 @pytest.mark.parametrize("arch", ["inception_v3", "xception"])
@@ -143,7 +146,7 @@ def test_too_small_input_is_rejected(arch, shape, message):
 @pytest.mark.parametrize("arch", ["inception_v3", "xception"])
 def test_min_input_size_runs(arch):
     model = _build(arch, num_classes=5).eval()
-    size = model.preprocess.min_input_size
+    size = model_spec(arch).min_input_size
     with torch.no_grad():
         assert model(torch.randn(1, 3, size, size)).shape == (1, 5)
 
@@ -276,5 +279,5 @@ def test_onnx_export(arch, opset, tmp_path):
 
 
 def test_models_package_exports():
-    assert issubclass(models.WeightsError, ValueError)
+    assert issubclass(models.WeightsError, models.UserError) and not issubclass(models.WeightsError, ValueError)
     assert InceptionOutputs._fields == ("logits", "aux_logits")

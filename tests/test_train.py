@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from awkward_files import add_awkward_files
 from conftest import metrics_of, quick_args, run_main
 from training.checkpoint import load_checkpoint
 from training.dummy_data import make_imagefolder
@@ -40,13 +41,15 @@ def _weights(path):
 
 @pytest.mark.parametrize("arch", ["inception_v3", "xception"])
 def test_resume_matches_uninterrupted_run(arch, tiny_data, tmp_path):
-    common = ["--max-steps", "2", "--lr", "0.01", "--warm_up_epochs", "1"]
+    # A constant learning rate, so that a 1-epoch run is the first half of a 2-epoch one.
+    common = ["--max-steps", "2", "--lr", "0.01", "--lr-schedule", "step", "--lr-step-epochs", "100"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_main(*quick_args(tiny_data, straight, arch, *common, "--epochs", "2")).code == 0
     assert run_main(*quick_args(tiny_data, split, arch, *common, "--epochs", "1")).code == 0
     resumed = run_main(*quick_args(tiny_data, split, arch, *common, "--epochs", "2",
                                    "--resume", str(split / "checkpoint.pth.tar")))
     assert resumed.code == 0, resumed.output
+    assert "options changed from the checkpoint: epochs 1 -> 2" in resumed.output
     a, b = _weights(straight / "checkpoint.pth.tar"), _weights(split / "checkpoint.pth.tar")
     assert a.keys() == b.keys()
     for key in a:
@@ -108,15 +111,15 @@ def test_non_finite_loss_stops_with_step(tiny_data, tmp_path):
     assert not (tmp_path / "checkpoint.pth.tar").exists()
 
 
-def test_unreadable_images_are_skipped_and_counted(tmp_path):
-    data = make_imagefolder(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=2,
-                            image_size=80, extras=("corrupt", "garbage", "gray", "cmyk", "palette", "rgba"))
+def test_unreadable_images_are_replaced_and_counted(tmp_path):
+    data = make_imagefolder(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=2, image_size=80)
+    add_awkward_files(data, size=(80, 80))
     output = tmp_path / "out"
     result = run_main(*quick_args(data, output, "xception", "-b", "14"))
     assert result.code == 0, result.output
     [record] = metrics_of(output)
-    assert record["skipped_images"] == 2 and record["train_images"] == 12
-    assert "skipped unreadable image" in result.output and "extra_garbage" in result.output
+    assert record["replaced_images"] == 2 and record["train_images"] == 14  # the batch stays full
+    assert "replaced unreadable image" in result.output and "extra_garbage" in result.output
     strict = run_main(*quick_args(data, tmp_path / "strict", "xception", "-b", "14", "--strict-data"))
     assert strict.code == 1 and "extra_" in strict.output
 
@@ -170,7 +173,8 @@ def test_bad_resume_files_are_errors(trained_checkpoint, tiny_data, tmp_path):
     (["--dummy", "-a", "resnet50"], "unknown architecture"),
     (["--dummy", "--loss-scale", "big"], "number or 'dynamic'"),
     (["--dummy", "--image-size", "64"], "minimum input size 75"),
-    (["--dummy", "--multiprocessing-distributed"], "--device_list"),
+    (["--dummy", "--world-size", "0"], "--world-size (nodes) must be positive"),
+    (["--dummy", "--device", "tpu"], "choose from auto, npu, cuda, mps, cpu"),
 ])
 def test_bad_options_are_rejected(argv, expected):
     result = run_main(*argv)

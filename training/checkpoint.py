@@ -1,27 +1,27 @@
-"""Checkpoint files: the one place that writes and reads the training state.
+"""Checkpoint files: atomic writes, safe reads, and finding the right one.
 
-Writes are atomic (temporary file in the same folder, fsync, rename), so a crash or a
-full disk leaves either the previous file or the new one, never a broken file.
+Writes are atomic (temporary file in the same folder, fsync, rename), so a crash, a kill
+or a full disk leaves either the previous file or the new one, never a broken file.
 Reads use ``weights_only=True``: a checkpoint is tensors and plain values only.
-The schema is documented in docs/OUTPUTS.md.
+What a checkpoint holds is ``training.state.TrainingState``'s business (docs/OUTPUTS.md).
 """
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
-import models
+from models.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LAST_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
@@ -75,18 +75,7 @@ def _first_line(error: Exception) -> str:
     return text[0] if text else type(error).__name__
 
 
-def find_latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The newest readable ``checkpoint.pth.tar``/``model_best.pth.tar`` below ``folder``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    candidates = sorted(
-        (p for name in (LAST_NAME, BEST_NAME) for p in folder.rglob(name)),
-        key=lambda p: p.stat().st_mtime, reverse=True)
-    return _first_readable(candidates)
-
-
-def _first_readable(candidates) -> Path | None:
+def _first_readable(candidates: Iterable[Path]) -> Path | None:
     for candidate in candidates:
         try:
             load_checkpoint(candidate)
@@ -97,32 +86,38 @@ def _first_readable(candidates) -> Path | None:
 
 
 def find_resume_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """For ``--resume auto``: the newest valid ``checkpoint.pth.tar`` directly in ``folder``.
+    """For ``--resume auto``: the valid ``checkpoint.pth.tar`` directly in ``folder``.
 
-    ``model_best.pth.tar`` is not a resume point (it may be older than the last epoch),
-    so it is only used when the last checkpoint is missing or unreadable.
+    ``model_best.pth.tar`` is not a resume point (it may be older than the last one), so it
+    is only used when the last checkpoint is missing or unreadable.
     """
     folder = Path(folder)
     return _first_readable(folder / name for name in (LAST_NAME, BEST_NAME) if (folder / name).is_file())
 
 
-def check_compatible(state: dict[str, Any], path: str | os.PathLike, arch: str,
-                     num_classes: int) -> None:
-    """Refuse a checkpoint of another architecture or class count, naming both."""
-    file_arch = _canonical_arch(state.get("arch"))
-    if file_arch is not None and file_arch != arch:
-        raise CheckpointError(f"{path} is a checkpoint of {file_arch}, but -a is {arch}")
-    file_classes = state.get("num_classes")
-    if file_classes is not None and file_classes != num_classes:
-        raise CheckpointError(
-            f"{path} was trained for {file_classes} classes, but this run has {num_classes}")
+def default_search_roots(repo_dir: Path) -> list[Path]:
+    """Where main.py and the test/ scripts write by default: ``./output``, ``<repo>/output``,
+    ``<repo>/test/output`` and ``$TEST_OUTPUT_DIR``."""
+    roots = [Path("output"), repo_dir / "output", repo_dir / "test" / "output"]
+    if os.environ.get("TEST_OUTPUT_DIR"):
+        roots.append(Path(os.environ["TEST_OUTPUT_DIR"]))
+    return roots
 
 
-def _canonical_arch(name: Any) -> str | None:
-    """The registry's name for a checkpoint's ``arch`` entry (ModelZoo files use aliases)."""
-    if not isinstance(name, str):
-        return None
-    try:
-        return models.resolve_arch(name)
-    except ValueError:
-        return name
+def find_newest_run_checkpoint(roots: Iterable[str | os.PathLike]) -> Path | None:
+    """The checkpoint to use after training, for the demo and the export.
+
+    Among the run folders below ``roots`` (a folder holding ``checkpoint.pth.tar`` or
+    ``model_best.pth.tar``), the one written last; in it, its best model if readable, else
+    its last checkpoint.
+    """
+    runs: dict[Path, float] = {}
+    for root in {Path(root).resolve() for root in roots if Path(root).is_dir()}:
+        for name in (LAST_NAME, BEST_NAME):
+            for found in root.rglob(name):
+                runs[found.parent] = max(runs.get(found.parent, 0.0), found.stat().st_mtime)
+    for run in sorted(runs, key=runs.__getitem__, reverse=True):
+        chosen = _first_readable(run / name for name in (BEST_NAME, LAST_NAME) if (run / name).is_file())
+        if chosen is not None:
+            return chosen
+    return None

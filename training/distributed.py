@@ -1,8 +1,17 @@
-"""torch.distributed set-up: who this process is, the process group, and cross-rank sums.
+"""torch.distributed set-up: where this process sits, the process group, and collectives.
 
 Two ways in, one result: ``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK in the environment;
-the ModelZoo ``--multiprocessing-distributed --device_list`` way spawns one process per
-listed device with :func:`spawn`, which sets the same variables before the worker starts.
+the ModelZoo ``--multiprocessing-distributed`` way spawns one process per device of this
+node with :func:`spawn`, which sets the same variables before the worker starts.
+
+Names: ``Topology`` counts *processes* (torch's rank and world size). The command line's
+``--world-size``/``--rank`` count *nodes*, as in the ModelZoo scripts; they only reach
+:func:`spawn`, as ``nodes`` and ``node_rank``.
+
+Every collective of the project goes through this module, which checks the tensor's dtype
+against what the backend accepts (the device's capability row). HCCL rejects float64, bool
+and uint8; ``STRICT_COLLECTIVES=hccl`` applies HCCL's rule on any backend, so the gloo tests
+catch such a reduction as an NPU run would.
 """
 from __future__ import annotations
 
@@ -14,57 +23,92 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-# torch's SyncBatchNorm supports CUDA, XPU and "PrivateUse1" devices (torch_npu's NPU) only.
-SYNC_BN_DEVICES = ("cuda", "npu", "xpu")
+from models.errors import UserError
+from training.device import HCCL_DTYPES
+
+STRICT_ENV = "STRICT_COLLECTIVES"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 29500
+
+
+class DistributedError(UserError):
+    """Options that cannot form a process group (bad URL, backend for another device...)."""
+
+
+class CollectiveDtypeError(TypeError):
+    """A collective on a dtype the backend does not accept: a bug in the caller."""
 
 
 @dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
+class Topology:
+    """Where this process sits in the job. Ranks and counts are of processes, not nodes."""
+
+    process_rank: int = 0
+    process_count: int = 1
     local_rank: int = 0
-    local_world_size: int = 1
+    local_process_count: int = 1
 
     @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+    def distributed(self) -> bool:
+        return self.process_count > 1
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.process_rank == 0
 
 
-def from_environment(env: dict[str, str] | None = None) -> DistInfo:
-    """The rank layout torchrun (or :func:`spawn`) put in the environment."""
+def from_environment(env: dict[str, str] | None = None) -> Topology:
+    """The layout torchrun (or :func:`spawn`) put in the environment."""
     env = os.environ if env is None else env
-    world_size = int(env.get("WORLD_SIZE", "1"))
-    return DistInfo(rank=int(env.get("RANK", "0")), world_size=world_size,
+    count = int(env.get("WORLD_SIZE", "1"))
+    return Topology(process_rank=int(env.get("RANK", "0")), process_count=count,
                     local_rank=int(env.get("LOCAL_RANK", "0")),
-                    local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world_size))))
+                    local_process_count=int(env.get("LOCAL_WORLD_SIZE", str(count))))
 
 
-def init_process_group(info: DistInfo, backend: str, device: torch.device, timeout_s: int,
-                       init_method: str | None = None) -> None:
-    """Join the job's process group (no-op for a single process).
+# -- the process group ------------------------------------------------------------------------
+
+@dataclass
+class _Group:
+    allowed_dtypes: frozenset | None = None
+    control: Any = None  # a gloo group for host-side agreement (stop, save), or None
+
+
+_group = _Group()
+
+
+def _allowed_dtypes(device_allows: frozenset | None) -> frozenset | None:
+    if os.environ.get(STRICT_ENV, "").lower() == "hccl":
+        return HCCL_DTYPES if device_allows is None else device_allows & HCCL_DTYPES
+    return device_allows
+
+
+def init_process_group(topology: Topology, backend: str, device: torch.device, timeout_s: int,
+                       allowed_dtypes: frozenset | None = None) -> None:
+    """Join the job's process group (a no-op for a single process).
 
     The timeout bounds every collective: if a peer dies, the others fail within it
     instead of hanging (torchrun usually ends them sooner).
     """
-    if not info.enabled:
+    _group.allowed_dtypes = _allowed_dtypes(allowed_dtypes)
+    if not topology.distributed:
         return
     timeout = datetime.timedelta(seconds=timeout_s)
-    options: dict[str, Any] = dict(backend=backend, rank=info.rank, world_size=info.world_size, timeout=timeout)
-    store = None if init_method else _restart_store(info, timeout)
+    options: dict[str, Any] = dict(backend=backend, rank=topology.process_rank,
+                                   world_size=topology.process_count, timeout=timeout)
+    store = _restart_store(topology, timeout)
     if store is not None:
         options["store"] = store
     else:
-        options["init_method"] = init_method or "env://"
+        options["init_method"] = "env://"
     if backend == "nccl" and device.index is not None:
         options["device_id"] = device  # binds the communicator eagerly to this device
     dist.init_process_group(**options)
+    # Host-side flags (stop, save now) are agreed on a CPU group: no device sync per step.
+    _group.control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
 
 
-def _restart_store(info: DistInfo, timeout: datetime.timedelta) -> dist.Store | None:
+def _restart_store(topology: Topology, timeout: datetime.timedelta) -> dist.Store | None:
     """Under torchrun: the agent's store, with keys of this restart attempt only.
 
     torchrun keeps one store for the whole job, and its workers reuse it (static and
@@ -76,19 +120,36 @@ def _restart_store(info: DistInfo, timeout: datetime.timedelta) -> dist.Store | 
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), topology.process_count,
                           is_master=False, timeout=timeout)
     return dist.PrefixStore(f"/worker/attempt_{attempt}", store)
 
 
 def destroy_process_group() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         dist.destroy_process_group()
+    _group.control = None
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+# -- collectives --------------------------------------------------------------------------
+
+def check_collective_dtype(tensor: torch.Tensor, operation: str) -> None:
+    """Raise CollectiveDtypeError when the backend would reject ``tensor``'s dtype."""
+    allowed = _group.allowed_dtypes
+    if allowed is not None and tensor.dtype not in allowed:
+        names = ", ".join(sorted(str(dtype).replace("torch.", "") for dtype in allowed))
+        raise CollectiveDtypeError(f"{operation} of a {str(tensor.dtype).replace('torch.', '')} tensor: "
+                                   f"the backend accepts only {names}")
 
 
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    """All-reduce a tensor of counts or sums (returns it unchanged on one process)."""
-    if dist.is_available() and dist.is_initialized():
+    """All-reduce a tensor of counts or sums (returned unchanged on one process)."""
+    check_collective_dtype(values, "all_reduce")
+    if _initialized():
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
@@ -97,62 +158,96 @@ def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank the buffers (BatchNorm running statistics) of rank ``src``.
 
-    DDP broadcasts rank 0's buffers before each training forward, but that forward then
-    updates every rank's copy from its own batch. Validating without this would use
-    different statistics on each rank, and not those rank 0 saves in the checkpoint.
+    Each rank's training forward updates its own copy from its own batch. Validating
+    without this would use different statistics on each rank, and not those rank 0 saves.
     """
-    if dist.is_available() and dist.is_initialized():
-        for buffer in module.buffers():
+    for buffer in module.buffers():
+        check_collective_dtype(buffer, "broadcast")
+        if _initialized():
             dist.broadcast(buffer, src=src)
-
-
-def check_sync_bn(device_type: str) -> None:
-    """Refuse ``--sync-bn`` where torch's SyncBatchNorm cannot run, naming the reason."""
-    if device_type not in SYNC_BN_DEVICES:
-        raise ValueError(f"--sync-bn needs GPUs or NPUs: torch's SyncBatchNorm has no {device_type} "
-                         f"implementation (it runs on {', '.join(SYNC_BN_DEVICES)}); leave --sync-bn out "
-                         f"to normalise each device's batch on its own")
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:
     """Rank ``src``'s value on every rank (e.g. the resume path rank 0 chose)."""
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         holder = [value]
-        dist.broadcast_object_list(holder, src=src)
+        dist.broadcast_object_list(holder, src=src, group=_group.control)
         return holder[0]
     return value
 
 
+def agree(flags: list[int]) -> list[int]:
+    """The largest value of each flag over all ranks (host-side, on the CPU control group)."""
+    if not _initialized():
+        return list(flags)
+    values = torch.tensor(flags, dtype=torch.int64)
+    check_collective_dtype(values, "all_reduce")
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_group.control)
+    return [int(value) for value in values.tolist()]
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if _initialized():
+        dist.barrier(group=_group.control)
 
 
-def spawn(worker: Callable[..., None], device_ids: list[int], nodes: int, node_rank: int,
-          master_addr: str, master_port: int, dist_url: str | None, *args: Any) -> None:
-    """ModelZoo mode: one process per id in ``device_ids`` on this node, torchrun-style env."""
-    master_addr, master_port = _rendezvous_address(dist_url, master_addr, master_port)
-    per_node = len(device_ids)
-    torch.multiprocessing.spawn(
-        _spawned_entry, nprocs=per_node, join=True,
-        args=(worker, device_ids, per_node, nodes, node_rank, master_addr, master_port, args))
+# -- the ModelZoo launcher: one process per device of this node ------------------------------
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """``--multiprocessing-distributed``: this node's devices and where the node sits."""
+
+    device_ids: tuple[int, ...]
+    nodes: int = 1
+    node_rank: int = 0
+    master_addr: str = DEFAULT_HOST
+    master_port: int = DEFAULT_PORT
+
+    @property
+    def processes(self) -> int:
+        return len(self.device_ids) * self.nodes
 
 
-def _spawned_entry(local_rank: int, worker: Callable[..., None], device_ids: list[int], per_node: int,
-                   nodes: int, node_rank: int, master_addr: str, master_port: int,
-                   args: tuple[Any, ...]) -> None:
+def rendezvous_address(dist_url: str | None, addr: str | None, port: int | None) -> tuple[str, int]:
+    """Master host and port from ``--dist-url``, ``--addr`` and ``--port``.
+
+    An explicit ``--addr`` names the host even when ``--dist-url`` is given: the ModelZoo
+    scripts pass ``--addr=<master IP>`` with ``--dist-url tcp://127.0.0.1:50000`` and
+    their NPU path reads the address from ``--addr``. The port is ``--port``, else the URL's.
+    """
+    url_host, url_port = None, None
+    if dist_url and dist_url != "env://":
+        if not dist_url.startswith("tcp://") or ":" not in dist_url[len("tcp://"):]:
+            raise DistributedError(f"--dist-url must look like tcp://HOST:PORT or env://, got {dist_url!r}")
+        url_host, _, port_text = dist_url[len("tcp://"):].rpartition(":")
+        try:
+            url_port = int(port_text)
+        except ValueError:
+            raise DistributedError(f"--dist-url has no port number: {dist_url!r}") from None
+    elif dist_url == "env://":
+        url_host = os.environ.get("MASTER_ADDR")
+        url_port = int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else None
+    return addr or url_host or DEFAULT_HOST, port or url_port or DEFAULT_PORT
+
+
+def spawn(worker: Callable[..., int], layout: NodeLayout, *args: Any) -> None:
+    """One process per device of ``layout`` on this node, each with torchrun's environment."""
+    torch.multiprocessing.spawn(_spawned_entry, nprocs=len(layout.device_ids), join=True,
+                                args=(worker, layout, args))
+
+
+def set_process_environment(layout: NodeLayout, local_rank: int) -> None:
+    """The variables torchrun would set for local process ``local_rank`` of ``layout``."""
+    per_node = len(layout.device_ids)
     os.environ.update({
-        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
-        "WORLD_SIZE": str(per_node * nodes), "RANK": str(node_rank * per_node + local_rank),
+        "MASTER_ADDR": layout.master_addr, "MASTER_PORT": str(layout.master_port),
+        "WORLD_SIZE": str(layout.processes), "RANK": str(layout.node_rank * per_node + local_rank),
         "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(per_node),
     })
-    worker(*args, device_index=device_ids[local_rank])
 
 
-def _rendezvous_address(dist_url: str | None, addr: str, port: int) -> tuple[str, int]:
-    if not dist_url:
-        return addr, port
-    if not dist_url.startswith("tcp://") or ":" not in dist_url[len("tcp://"):]:
-        raise ValueError(f"--dist-url must look like tcp://HOST:PORT, got {dist_url!r}")
-    host, _, port_text = dist_url[len("tcp://"):].rpartition(":")
-    return host, int(port_text)
+def _spawned_entry(local_rank: int, worker: Callable[..., int], layout: NodeLayout, args: tuple[Any, ...]) -> None:
+    set_process_environment(layout, local_rank)
+    code = worker(*args, device_index=layout.device_ids[local_rank])
+    if code:
+        raise SystemExit(code)

@@ -1,4 +1,4 @@
-"""Synthetic ImageFolder datasets: the embedded default dataset and the tests' fixtures.
+"""Synthetic ImageFolder datasets: the embedded default data set (``--dummy``) and its generator.
 
 Each class has its own hue (evenly spaced around the colour wheel) and its own shape or
 texture (circle, square, stripes, checker ...), drawn at a random position, size and
@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -30,7 +29,6 @@ DUMMY_SIZES_JITTER = 0.15  # sides vary by +-15%: about 116 to 156 px
 DUMMY_SEED = 0
 CACHE_SUBDIR = "inception-xception"
 
-EXTRAS = ("gray", "cmyk", "palette", "rgba", "corrupt", "garbage")
 _SHAPES = ("circle", "square", "hstripes", "checker", "ring", "diamond", "vstripes", "cross",
            "triangle", "dots")
 _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif", "PPM": ".ppm"}
@@ -113,7 +111,6 @@ def make_imagefolder(
     fmt: str = "JPEG",
     quality: int = 90,
     sizes_jitter: float = 0.0,
-    extras: Iterable[str] = (),
 ) -> Path:
     """Write ``root/{train,val}/class_XX/*`` of the synthetic task and return ``root``.
 
@@ -122,19 +119,11 @@ def make_imagefolder(
         fmt: Pillow format name (JPEG, PNG, BMP, WEBP, TIFF, PPM).
         sizes_jitter: each side is scaled by a random factor in ``[1 - j, 1 + j]``
             (0.25 around 500x375 gives an ImageNet-like spread of sizes).
-        extras: awkward files added to ``train/<class 0>`` on top of ``train_per_class``,
-            for tests: ``gray`` (L JPEG), ``cmyk`` (CMYK JPEG), ``palette`` (P PNG),
-            ``rgba`` (RGBA PNG), ``corrupt`` (a JPEG cut in half: opens, fails to decode),
-            ``garbage`` (random bytes named ``.jpg``: fails to open). Each is named
-            ``extra_<kind>.<ext>``, sorting before the class's regular images.
     """
     root = Path(root)
     fmt = fmt.upper()
     if fmt not in _EXTENSIONS:
         raise ValueError(f"unsupported format {fmt!r} (choose from {', '.join(_EXTENSIONS)})")
-    unknown = set(extras) - set(EXTRAS)
-    if unknown:
-        raise ValueError(f"unknown extras {sorted(unknown)} (choose from {', '.join(EXTRAS)})")
     base = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     save_args = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
 
@@ -148,32 +137,7 @@ def make_imagefolder(
                 pixels = render_image(rng, label, num_classes, w, h)
                 path = folder / f"{split}_{label:04d}_{i:05d}{_EXTENSIONS[fmt]}"
                 Image.fromarray(pixels).save(path, fmt, **save_args)
-    if extras:
-        _write_extras(root / "train" / class_name(0, num_classes), num_classes, base, seed, tuple(extras))
     return root
-
-
-def _write_extras(folder: Path, num_classes: int, size: tuple[int, int], seed: int, kinds: tuple[str, ...]) -> None:
-    rng = np.random.default_rng([seed, 2, 0])
-    rgb = Image.fromarray(render_image(rng, 0, num_classes, *size))
-    for kind in kinds:
-        if kind == "gray":
-            rgb.convert("L").save(folder / "extra_gray.jpg", "JPEG", quality=90)
-        elif kind == "cmyk":
-            rgb.convert("CMYK").save(folder / "extra_cmyk.jpg", "JPEG", quality=90)
-        elif kind == "palette":
-            rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(folder / "extra_palette.png")
-        elif kind == "rgba":
-            rgba = rgb.convert("RGBA")
-            rgba.putalpha(Image.linear_gradient("L").resize(size))
-            rgba.save(folder / "extra_rgba.png")
-        elif kind == "corrupt":
-            path = folder / "extra_corrupt.jpg"
-            rgb.save(path, "JPEG", quality=90)
-            data = path.read_bytes()
-            path.write_bytes(data[: len(data) // 2])
-        elif kind == "garbage":
-            (folder / "extra_garbage.jpg").write_bytes(rng.bytes(512))
 
 
 def default_cache_dir() -> Path:

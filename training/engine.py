@@ -1,28 +1,35 @@
 """The training step and the evaluation pass.
 
-Both take explicit objects (model, loader, loss, optimizer, precision...) and return a
-dict of metrics; neither reads the command line. The loop has one path: forward under
-autocast, loss, backward, optional unscale + clip, step, schedule.
+Both take explicit objects (model, batches, loss, optimizer, schedule, precision...) and
+return a dict of metrics; neither reads the command line. The step has one path: seed,
+learning rate, forward under autocast, loss, backward, optional unscale + clip, step.
+A ``StepControl`` (the run's) is asked after every step whether to stop (preemption) and
+may write a mid-epoch checkpoint meanwhile.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import nn
 
+from models.errors import UserError
 from training.distributed import sum_across_ranks
-from training.metrics import (Progress, RunningSums, StepClock, Throughput, accuracy_summary,
+from training.metrics import (Progress, RunningSums, StepClock, Throughput, accuracy_summary, epoch_line,
                               eval_line, fps_summary, train_line)
 from training.precision import Precision
+from training.schedule import LrSchedule
+from training.seeding import seed_step
 
-log = logging.getLogger("training")
+log = logging.getLogger(__name__)
+
+SKIPPED_STEPS_WARNING = 0.01  # warn when more than 1 % of an epoch's steps overflowed
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The loss became NaN or infinite where no loss scaler skips such steps."""
 
 
@@ -52,12 +59,28 @@ class LoopSettings:
     """How an epoch is run and reported (not what is trained)."""
 
     device: torch.device
+    seed: int = 0
+    rank: int = 0
     print_freq: int = 10
     fps_warmup_steps: int = 5
-    max_steps: int | None = None
     clip_grad: float | None = None
+    zero_grad_to_none: bool = True  # torch_npu's fused SGD needs gradients kept (False)
     progress: str = "auto"
     show_progress: bool = True
+
+
+@dataclass(frozen=True)
+class EpochPosition:
+    """Which epoch, how many of its steps are already done (a resumed epoch), and how many it has."""
+
+    epoch: int
+    steps: int
+    start_step: int = 0
+
+
+class StepControl(Protocol):
+    def after_step(self, position: EpochPosition, steps_done: int, sums: RunningSums) -> bool:
+        """Called on every rank after every step; True stops the epoch there."""
 
 
 def _batches(loader: Iterable, limit: int) -> Iterable[tuple[float, Any]]:
@@ -72,10 +95,10 @@ def _batches(loader: Iterable, limit: int) -> Iterable[tuple[float, Any]]:
         yield time.perf_counter() - started, batch
 
 
-def _note_skipped(paths: list[str], skipped: list[str]) -> None:
+def _note_replaced(paths: list[str], replaced: list[str]) -> None:
     for path in paths:
-        log.warning("skipped unreadable image: %s", path)
-    skipped.extend(paths)
+        log.warning("replaced unreadable image: %s", path)
+    replaced.extend(paths)
 
 
 def _check_finite(losses: list[torch.Tensor], first_step: int, epoch: int) -> None:
@@ -91,58 +114,82 @@ def _check_finite(losses: list[torch.Tensor], first_step: int, epoch: int) -> No
             f"add --clip-grad, or use --amp --loss-scale dynamic to skip overflowing fp16 steps")
 
 
+def _warn_skipped_steps(skipped: int, steps: int, epoch: int, precision: Precision) -> None:
+    if steps and skipped > SKIPPED_STEPS_WARNING * steps:
+        log.warning("warning: %d of %d steps (%.1f%%) of epoch %d were skipped because the fp16 gradients "
+                    "overflowed (%s): use --loss-scale dynamic, or a lower --loss-scale",
+                    skipped, steps, 100.0 * skipped / steps, epoch, precision.description)
+
+
 def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision,
-                    epoch: int, settings: LoopSettings) -> dict[str, Any]:
-    """Train for one epoch (or ``settings.max_steps`` steps); returns the epoch's metrics."""
+                    schedule: LrSchedule, precision: Precision, position: EpochPosition, settings: LoopSettings,
+                    sums: RunningSums | None = None, control: StepControl | None = None,
+                    report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train the steps of ``position`` left to do; returns the epoch's metrics.
+
+    Args:
+        sums: the epoch's running sums so far (a resumed epoch), else new ones.
+        report: receives one record per printed step (metrics.jsonl's ``step`` records).
+    """
     model.train()
-    steps = min(len(loader), settings.max_steps or len(loader))
-    sums, clock = RunningSums(settings.device), StepClock(settings.device)
-    throughput = Throughput(settings.device, settings.fps_warmup_steps, steps)
+    epoch, steps = position.epoch, position.steps
+    sums = sums if sums is not None else RunningSums(settings.device)
+    clock = StepClock(settings.device)
+    throughput = Throughput(settings.device, settings.fps_warmup_steps, steps - position.start_step)
     progress = Progress(settings.progress, settings.show_progress)
-    skipped: list[str] = []
+    replaced: list[str] = []
     unchecked: list[torch.Tensor] = []
-    first_unchecked = 0
+    first_unchecked, step, interrupted = position.start_step, position.start_step - 1, False
     started = time.perf_counter()
     throughput.begin()
-    step = -1
-    for step, (waited, (images, target, skipped_paths)) in enumerate(_batches(loader, steps)):
+    for offset, (waited, (images, target, replaced_paths)) in enumerate(
+            _batches(loader, steps - position.start_step)):
+        step = position.start_step + offset
         clock.data_ready(waited)
-        _note_skipped(skipped_paths, skipped)
-        if images.shape[0] == 0:
-            continue  # every image of this batch was unreadable
+        _note_replaced(replaced_paths, replaced)
+        seed_step(settings.seed, epoch, step, settings.rank)
+        lr = schedule.apply(optimizer, epoch, step, steps)
         with precision.autocast():
             loss, logits = loss_fn(model(images), target)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=settings.zero_grad_to_none)
         precision.backward(loss, optimizer)
         if settings.clip_grad:
             precision.unscale(optimizer)
             nn.utils.clip_grad_norm_(precision.clip_parameters(model, optimizer), settings.clip_grad)
         precision.step(optimizer)
-        scheduler.step()
         sums.add(loss, logits, target)
-        throughput.step_done(step, images.shape[0])
+        throughput.step_done(offset, images.shape[0])
         if not precision.skips_nonfinite_steps:
             unchecked.append(loss.detach())
         if (step + 1) % settings.print_freq == 0 or step + 1 == steps:
             _check_finite(unchecked, first_unchecked, epoch)
             unchecked, first_unchecked = [], step + 1
             step_time, data_time = clock.read()
-            progress.line(train_line(epoch, step + 1, steps, step_time, data_time, sums.read(),
-                                     images.shape[0], optimizer.param_groups[0]["lr"]))
+            running = sums.read()
+            progress.line(train_line(epoch, step + 1, steps, step_time, data_time, running, images.shape[0], lr))
+            if report is not None:
+                report({"mode": "step", "epoch": epoch, "step": step + 1, "steps": steps,
+                        "global_step": epoch * steps + step + 1, "loss": running["loss"], "lr": lr,
+                        "images_per_second": images.shape[0] / step_time if step_time > 0 else 0.0})
+        if control is not None and control.after_step(position, step + 1, sums):
+            interrupted = True
+            break
     progress.close()
     _check_finite(unchecked, first_unchecked, epoch)
     fps_local, fps_job = throughput.images_per_second()
+    skipped_steps = precision.take_skipped_steps()
+    if interrupted:
+        return {"interrupted": True, "train_steps": step + 1}
     totals = sums.read(across_ranks=True)
-    skipped_count = _count_across_ranks(len(skipped), settings)
+    replaced_count = _count_across_ranks(len(replaced), settings)
     elapsed = time.perf_counter() - started
-    log.info("Epoch: [%d] done  loss %.4f  Acc@1 %.3f  Acc@5 %.3f  images %d  skipped %d  time %.1fs",
-             epoch, totals["loss"], totals["acc1"], totals["acc5"], totals["count"], skipped_count, elapsed)
-    log.info(fps_summary(fps_job))
-    return {"train_loss": totals["loss"], "train_acc1": totals["acc1"], "train_acc5": totals["acc5"],
-            "train_steps": step + 1, "train_images": totals["count"], "skipped_images": skipped_count,
-            "fps": fps_job, "fps_per_device": fps_local, "epoch_time": elapsed,
-            "lr": optimizer.param_groups[0]["lr"]}
+    log.info(epoch_line(epoch, totals, replaced_count, skipped_steps, elapsed))
+    log.info(fps_summary(settings.device, fps_job))
+    _warn_skipped_steps(skipped_steps, step + 1 - position.start_step, epoch, precision)
+    return {"interrupted": False, "train_loss": totals["loss"], "train_acc1": totals["acc1"],
+            "train_acc5": totals["acc5"], "train_steps": step + 1, "train_images": totals["count"],
+            "replaced_images": replaced_count, "skipped_steps": skipped_steps, "fps": fps_job,
+            "fps_per_device": fps_local, "epoch_time": elapsed, "lr": optimizer.param_groups[0]["lr"]}
 
 
 @torch.inference_mode()
@@ -158,12 +205,10 @@ def evaluate(model: nn.Module, loader: Any, criterion: Callable, precision: Prec
     steps = len(loader)
     sums, clock = RunningSums(settings.device), StepClock(settings.device)
     progress = Progress(settings.progress, settings.show_progress)
-    skipped: list[str] = []
-    for step, (waited, (images, target, skipped_paths)) in enumerate(_batches(loader, steps)):
+    replaced: list[str] = []
+    for step, (waited, (images, target, replaced_paths)) in enumerate(_batches(loader, steps)):
         clock.data_ready(waited)
-        _note_skipped(skipped_paths, skipped)
-        if images.shape[0] == 0:
-            continue
+        _note_replaced(replaced_paths, replaced)
         with precision.autocast():
             logits = model(images)
             loss = criterion(logits, target)
@@ -174,9 +219,9 @@ def evaluate(model: nn.Module, loader: Any, criterion: Callable, precision: Prec
     totals = sums.read(across_ranks=True)
     log.info(accuracy_summary(totals["acc1"], totals["acc5"]))
     return {"val_loss": totals["loss"], "val_acc1": totals["acc1"], "val_acc5": totals["acc5"],
-            "val_images": totals["count"], "val_skipped_images": _count_across_ranks(len(skipped), settings),
+            "val_images": totals["count"], "val_replaced_images": _count_across_ranks(len(replaced), settings),
             "val_time": time.perf_counter() - started}
 
 
 def _count_across_ranks(count: int, settings: LoopSettings) -> int:
-    return int(sum_across_ranks(torch.tensor([count], device=settings.device)).item())
+    return int(sum_across_ranks(torch.tensor([count], dtype=torch.int64, device=settings.device)).item())

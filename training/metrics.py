@@ -18,7 +18,7 @@ import torch
 from training import device as devices
 from training.distributed import sum_across_ranks
 
-log = logging.getLogger("training")
+log = logging.getLogger(__name__)
 
 
 def correct_counts(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> torch.Tensor:
@@ -30,28 +30,56 @@ def correct_counts(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, 
 
 
 class RunningSums:
-    """Loss sum and top-1/top-5 hits accumulated on the device; the sample count on the host
-    (batch sizes are known there, so no host-to-device copy is needed per step)."""
+    """Loss sum and top-1/top-5 hits of an epoch, kept on the device between printed lines.
+
+    Device accumulators are float32 (loss) and int64 (hits): the dtypes every collective
+    backend accepts (HCCL has no float64). Each read moves them into float64/int totals on
+    the host, so long epochs lose no precision. The sample count is known on the host.
+    """
 
     def __init__(self, device: torch.device):
-        self.totals = torch.zeros(3, dtype=torch.float64, device=device)
+        self._loss = torch.zeros((), dtype=torch.float32, device=device)
+        self._hits = torch.zeros(2, dtype=torch.int64, device=device)
+        self.loss_sum = 0.0
+        self.hits = [0, 0]
         self.count = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
         count = target.shape[0]
-        hits = correct_counts(logits.detach(), target).double()
-        self.totals += torch.cat([loss.detach().double().reshape(1) * count, hits])
+        self._loss += loss.detach().float() * count
+        self._hits += correct_counts(logits.detach(), target)
         self.count += count
+
+    def _flush(self) -> None:
+        self.loss_sum += float(self._loss.item())
+        top1, top5 = self._hits.tolist()
+        self.hits = [self.hits[0] + top1, self.hits[1] + top5]
+        self._loss.zero_()
+        self._hits.zero_()
 
     def read(self, across_ranks: bool = False) -> dict[str, float]:
         """Mean loss and accuracies (percent); ``across_ranks`` sums every rank's counts first."""
-        totals = torch.cat([self.totals, self.totals.new_tensor([float(self.count)])])
-        if across_ranks:
-            totals = sum_across_ranks(totals)
-        loss_sum, top1, top5, count = totals.tolist()
-        denominator = max(count, 1.0)
-        return {"loss": loss_sum / denominator, "acc1": 100.0 * top1 / denominator,
+        state = self.job_state_dict() if across_ranks else self._local_state()
+        (top1, top5), count = state["hits"], state["count"]
+        denominator = max(count, 1)
+        return {"loss": state["loss_sum"] / denominator, "acc1": 100.0 * top1 / denominator,
                 "acc5": 100.0 * top5 / denominator, "count": int(count)}
+
+    def _local_state(self) -> dict[str, Any]:
+        self._flush()
+        return {"loss_sum": self.loss_sum, "hits": list(self.hits), "count": self.count}
+
+    def job_state_dict(self) -> dict[str, Any]:
+        """Every rank's totals so far, summed (all ranks call it together)."""
+        self._flush()
+        loss_sum = float(sum_across_ranks(torch.tensor([self.loss_sum], dtype=torch.float32,
+                                                       device=self._loss.device)).item())
+        top1, top5, count = sum_across_ranks(torch.tensor([*self.hits, self.count], dtype=torch.int64,
+                                                          device=self._hits.device)).tolist()
+        return {"loss_sum": loss_sum, "hits": [top1, top5], "count": count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum, self.hits, self.count = float(state["loss_sum"]), list(state["hits"]), int(state["count"])
 
 
 class Throughput:
@@ -74,7 +102,7 @@ class Throughput:
             self.start = time.perf_counter()
 
     def step_done(self, step: int, batch_images: int) -> None:
-        """Call after step ``step`` (0-based) was queued."""
+        """Call after the ``step``-th step (0-based) of this run of the loop was queued."""
         if step >= self.warmup_steps:
             self.images += batch_images
         elif step + 1 == self.warmup_steps:
@@ -86,7 +114,7 @@ class Throughput:
         devices.synchronize(self.device)
         elapsed = time.perf_counter() - self.start if self.start is not None else 0.0
         local = self.images / elapsed if elapsed > 0 else 0.0
-        job = float(sum_across_ranks(torch.tensor([local], dtype=torch.float64, device=self.device)).item())
+        job = float(sum_across_ranks(torch.tensor([local], dtype=torch.float32, device=self.device)).item())
         return local, job
 
 
@@ -144,6 +172,13 @@ def train_line(epoch: int, step: int, steps: int, step_time: float, data_time: f
             f"img/s {images_per_second:.1f}  lr {lr:.5f}")
 
 
+def epoch_line(epoch: int, totals: dict[str, float], replaced: int, skipped_steps: int, seconds: float) -> str:
+    """The epoch summary; like every ``Epoch:`` line it has one ``Loss <value>`` (ModelZoo's parser)."""
+    return (f"Epoch: [{epoch}] summary  Loss {totals['loss']:.4f}  Acc@1 {totals['acc1']:.3f}  "
+            f"Acc@5 {totals['acc5']:.3f}  images {totals['count']}  replaced {replaced}  "
+            f"skipped_steps {skipped_steps}  time {seconds:.1f}s")
+
+
 def eval_line(step: int, steps: int, step_time: float, sums: dict[str, float]) -> str:
     width = len(str(steps))
     return (f"Test: [{step:>{width}}/{steps}]  Time {step_time:.3f}  Loss {sums['loss']:.4f}  "
@@ -151,11 +186,14 @@ def eval_line(step: int, steps: int, step_time: float, sums: dict[str, float]) -
 
 
 def accuracy_summary(acc1: float, acc5: float) -> str:
+    """ModelZoo's accuracy line: `grep '* Acc@1'` then the field after the last "Acc@1"."""
     return f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}"
 
 
-def fps_summary(fps: float) -> str:
-    return f" * FPS@all {fps:.3f}"
+def fps_summary(device: torch.device, fps: float) -> str:
+    """ModelZoo's FPS line, ``[npu id: 0 ] * FPS@all <n>`` with the device really used:
+    the value is field 7 and the last field (the ModelZoo scripts read it with both)."""
+    return f"[{device.type} id: {device.index if device.index is not None else 0} ] * FPS@all {fps:.3f}"
 
 
 class MetricsWriter:
@@ -173,7 +211,7 @@ class MetricsWriter:
         with self.path.open("a", encoding="utf-8") as stream:
             stream.write(json.dumps(record, sort_keys=False) + "\n")
         if self._board is not None:
-            step = int(record.get("epoch", 0))
+            step = int(record.get("global_step", record.get("epoch", 0)))
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
                     self._board.add_scalar(f"{record.get('mode', 'train')}/{key}", value, step)
@@ -198,11 +236,24 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in stream if line.strip()]
 
 
+class _RankFormatter(logging.Formatter):
+    """Warnings and errors name their rank in a distributed job; progress lines (rank 0's
+    INFO) stay bare, so that the ModelZoo parsers find their fields where they expect them."""
+
+    def __init__(self, rank: int, distributed: bool):
+        super().__init__("%(message)s")
+        self.prefix = f"[rank {rank}] " if distributed else ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return self.prefix + text if record.levelno >= logging.WARNING else text
+
+
 def setup_logging(rank: int, world_size: int) -> None:
-    """Rank 0 logs INFO; other ranks WARNING and above; every line names its rank when distributed."""
-    prefix = f"[rank {rank}] " if world_size > 1 else ""
+    """Rank 0 logs INFO, other ranks WARNING and above, all to stdout; every module logs
+    through ``logging.getLogger(__name__)``."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    handler.setFormatter(_RankFormatter(rank, world_size > 1))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)

@@ -6,7 +6,8 @@ kind it has. Three kinds exist:
 
 * full precision (no ``--amp``, or ``--opt-level O0``);
 * native ``torch.amp``: fp16 with a GradScaler (static scale: fixed ``--loss-scale``;
-  ``dynamic``: grows and backs off, skipping overflowing steps), or bf16 without scaling;
+  ``dynamic``: grows and backs off), or bf16 without scaling. Either scale skips a step
+  whose gradients overflow; those steps are counted (``skipped_steps``);
 * apex ``amp.initialize`` when ``--apex`` is given and apex is importable (otherwise a
   warning, and native torch.amp with the same settings).
 """
@@ -16,10 +17,11 @@ import contextlib
 import importlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 
+from models.errors import UserError
 from training import device as devices
 
 log = logging.getLogger(__name__)
@@ -37,11 +39,12 @@ class Precision:
     dynamic_scale: bool = False
     static_scale: float | None = None  # the fixed fp16 loss scale, re-set after every step
     apex_amp: Any = None  # the apex.amp module when apex drives the precision
+    _skipped: Any = None  # steps the scaler skipped, summed on the device
 
     @property
     def skips_nonfinite_steps(self) -> bool:
-        """True when an overflowing step is skipped rather than a reason to stop."""
-        return self.dynamic_scale
+        """True when an overflowing step is skipped (and counted) rather than a reason to stop."""
+        return self.scaler is not None or self.apex_amp is not None
 
     def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         if self.apex_amp is not None:
@@ -65,35 +68,77 @@ class Precision:
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None:
             self.scaler.step(optimizer)
+            self._count_skipped(optimizer)
             self.scaler.update(self.static_scale)
         else:
             optimizer.step()
 
+    def _count_skipped(self, optimizer: torch.optim.Optimizer) -> None:
+        # GradScaler records, per device, whether this step's gradients overflowed (and so
+        # whether it skipped optimizer.step); summed on the device, read once per epoch.
+        found = sum(self.scaler._found_inf_per_device(optimizer).values())
+        self._skipped = found if self._skipped is None else self._skipped + found
+
+    def take_skipped_steps(self) -> int:
+        """Steps skipped for overflowing gradients since the last call."""
+        if self._skipped is None:
+            return 0
+        count, self._skipped = int(self._skipped.item()), None
+        return count
+
     def state_dict(self) -> dict[str, Any] | None:
+        """The scaler's state, with ``dynamic`` (torch_npu's scaler needs it, torch's ignores it)."""
         if self.scaler is not None:
-            return self.scaler.state_dict()
+            return {**self.scaler.state_dict(), "dynamic": self.dynamic_scale}
         if self.apex_amp is not None:
             return self.apex_amp.state_dict()
         return None
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if state is None:
+        if not state:
             return
         if self.scaler is not None:
-            self.scaler.load_state_dict(state)
+            expected = self.scaler.state_dict().keys() or _SCALER_KEYS
+            self.scaler.load_state_dict(adapt_scaler_state(state, expected, self.dynamic_scale, self.static_scale))
         elif self.apex_amp is not None:
             self.apex_amp.load_state_dict(state)
 
 
+# torch.amp.GradScaler's state; torch_npu's scaler adds "dynamic".
+_SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+def adapt_scaler_state(saved: dict[str, Any], expected: Iterable[str], dynamic: bool,
+                       static_scale: float | None) -> dict[str, Any]:
+    """A GradScaler state saved by one scaler, in the format another expects.
+
+    torch_npu's GradScaler saves and requires a ``dynamic`` key that torch's lacks, so a GPU
+    or CPU checkpoint would not load on an NPU (KeyError) without this. A static loss scale
+    keeps this run's value.
+    """
+    expected = set(expected)
+    state = {key: value for key, value in saved.items() if key in expected}
+    if "dynamic" in expected:
+        state["dynamic"] = dynamic
+    if static_scale is not None and "scale" in expected:
+        state["scale"] = static_scale
+    return state
+
+
+class PrecisionError(UserError):
+    """A precision mode the device cannot run."""
+
+
 def resolve_dtype(device_type: str, requested: str) -> torch.dtype:
-    """fp16 on NPU/CUDA (the ModelZoo recipes' numerics), bf16 on CPU and MPS."""
+    """``auto``: the device's default (fp16 on NPU/CUDA, the ModelZoo recipes' numerics; bf16
+    on CPU and MPS)."""
     if requested == "float16":
         return torch.float16
     if requested == "bfloat16":
         if not devices.supports_bf16(device_type):
-            raise ValueError(f"--amp-dtype bfloat16 is not supported on {device_type}")
+            raise PrecisionError(f"--amp-dtype bfloat16 is not supported on {device_type}")
         return torch.bfloat16
-    return torch.float16 if device_type in ("npu", "cuda") else torch.bfloat16
+    return devices.capabilities(device_type).default_amp_dtype
 
 
 def build_precision(device_type: str, *, amp: bool, amp_dtype: str = "auto", opt_level: str = "O2",

@@ -1,7 +1,12 @@
-"""Learning-rate schedule: linear warm-up, then cosine or step decay, stepped every batch.
+"""Learning-rate schedule: linear warm-up, then cosine or step decay, as a function of progress.
 
-Built on ``torch.optim.lr_scheduler.LambdaLR``, so its state (the step count) is saved
-and restored with the checkpoint and a resumed run continues on the same curve.
+The learning rate at a step depends only on how far training has come, in epochs
+(``epoch + step / steps_per_epoch``), never on a step count. So a run resumed on another
+number of devices, with another batch size or ``--max-steps``, lands at the same point of
+the curve, and there is no scheduler state to save. It is set before every step.
+
+The ModelZoo scripts change the learning rate once per epoch (warm-up ``lr * (e + 1) /
+(w + 1)``, then cosine by epoch); here the same curves are followed step by step.
 """
 from __future__ import annotations
 
@@ -12,47 +17,34 @@ import torch
 
 
 @dataclass(frozen=True)
-class LrCurve:
-    """The multiplier of the peak learning rate at each training step."""
+class LrSchedule:
+    """Peak learning rate times a warm-up ramp and a decay, over ``epochs``."""
 
-    steps_per_epoch: int
+    peak_lr: float
     epochs: int
     warmup_epochs: float = 0.0
     kind: str = "cosine"  # or "step"
     step_epochs: int = 30
     gamma: float = 0.1
 
-    @property
-    def warmup_steps(self) -> int:
-        return int(round(self.warmup_epochs * self.steps_per_epoch))
-
-    @property
-    def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
+    def factor(self, epoch: int, step: int, steps_per_epoch: int) -> float:
+        """The multiplier of the peak rate for step ``step`` (0-based) of epoch ``epoch``."""
+        start = epoch + step / steps_per_epoch  # progress, in epochs, when the step begins
+        end = epoch + (step + 1) / steps_per_epoch
+        if end <= self.warmup_epochs:
+            return end / self.warmup_epochs  # the first step already moves: (step + 1) / warm-up steps
         if self.kind == "step":
-            return self.gamma ** (step // (self.step_epochs * self.steps_per_epoch))
-        decay_steps = max(self.total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
+            return self.gamma ** int(start // self.step_epochs)
+        decay = max(self.epochs - self.warmup_epochs, 1e-12)
+        progress = min(max(start - self.warmup_epochs, 0.0) / decay, 1.0)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def lr(self, epoch: int, step: int, steps_per_epoch: int) -> float:
+        return self.peak_lr * self.factor(epoch, step, steps_per_epoch)
 
-def build_scheduler(optimizer: torch.optim.Optimizer, curve: LrCurve) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=curve)
-
-
-def restore_position(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
-    """Resume at the saved step, on the curve of *this* run's options.
-
-    LambdaLR would also restore the saved curve's fields (a resumed run with more
-    ``--epochs`` would keep the old length); only the position is taken from the file.
-    """
-    state = dict(state)
-    state["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
-    scheduler.load_state_dict(state)
-    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
-                                      scheduler.lr_lambdas):
-        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    def apply(self, optimizer: torch.optim.Optimizer, epoch: int, step: int, steps_per_epoch: int) -> float:
+        """Set every parameter group's learning rate for this step; returns it."""
+        lr = self.lr(epoch, step, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr

@@ -23,14 +23,21 @@ class SyntheticBatches:
         self.images = images.to(device).contiguous(memory_format=fmt)
         self.labels = labels.to(device)
         self.steps = steps
+        self.remaining = steps
+        self.batch_size = batch_size
         self.num_images = steps * batch_size
 
     def __len__(self) -> int:
-        return self.steps
+        return self.remaining
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        for _ in range(self.steps):
+        remaining, self.remaining = self.remaining, self.steps
+        for _ in range(remaining):
             yield self.images, self.labels, []
 
     def set_epoch(self, epoch: int) -> None:
         """Nothing to reshuffle; here so the loop treats every loader alike."""
+
+    def skip(self, samples: int) -> None:
+        """Every batch is the same: a resumed epoch just has fewer steps left."""
+        self.remaining = max(0, self.steps - samples // self.batch_size)

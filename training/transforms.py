@@ -11,7 +11,7 @@ with the same crop sampling and the same torch RNG draws, but do less work per i
   uint8 bilinear kernel (the classic pipeline's pixels within 1, ~3x faster than Pillow's
   resize); otherwise crop and resize are one ``Image.resize(..., box=...)`` call;
 * the result stays uint8 (``ToTensor``/``Normalize`` move to the device, see
-  ``training.data.DeviceLoader``), so workers ship 4x fewer bytes.
+  ``training.prefetch.DeviceLoader``), so workers ship 4x fewer bytes.
 
 Colour modes: every image comes out RGB. ``L`` and ``RGB`` images are resized as they are
 (resizing ``L`` then replicating it to RGB is exact); every other mode (palette, CMYK,
@@ -20,17 +20,26 @@ exactly what torchvision's ImageFolder loader does. That **drops alpha** without
 compositing: a transparent pixel shows whatever colour it stores, as in the classic
 pipeline, so both pipelines see the same pixels.
 
-The ``classic_*`` builders are the plain torchvision baseline (float, normalised, in the
-worker) that ``bench/`` measures against and the tests compare with.
+Each transform has two halves: ``decode`` reads the pixels (the one step a broken file
+can make fail, so the dataset catches read errors around it alone) and ``finish`` crops,
+resizes and flips; a bug in ``finish`` surfaces as itself.
 """
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+from models.errors import UserError
+
+if TYPE_CHECKING:
+    from models.preprocess import PreprocessConfig
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -97,54 +106,26 @@ def _draft_scale(crop_w: float, crop_h: float, out_w: int, out_h: int) -> int:
     return 1
 
 
-def _crop_resize(
-    img: Image.Image,
-    box: tuple[float, float, float, float],
-    size: int,
-    resample: Image.Resampling,
-    reducing_gap: float | None,
-) -> Image.Image:
-    """Decode ``img`` (reduced when allowed), resize ``box`` (original pixels) to size x size, RGB."""
-    left, top, right, bottom = box
-    s = _draft_scale(right - left, bottom - top, size, size)
-    if s > 1:
-        width = img.size[0]
-        # Only JPEG (and MPO) decoders act on draft; other formats return None. Asking for
-        # (W // s, H // s) makes Pillow pick exactly scale s (W // (W // s) is in [s, 2s)).
-        drafted = img.draft("RGB", (img.size[0] // s, img.size[1] // s))
-        if drafted is not None:
-            # Reduced pixel k covers original pixels [k*s, (k+1)*s): coordinates scale by 1/s.
-            factor = drafted[1][2] / width
-            box = (left * factor, top * factor, right * factor, bottom * factor)
-    if img.mode not in _RESIZE_AS_IS:
-        img = img.convert("RGB")  # before resizing: palette/1 would resize as NEAREST, RGBA premultiplied
-    out = img.resize((size, size), resample, box=box, reducing_gap=reducing_gap)
-    return out if out.mode == "RGB" else out.convert("RGB")
-
-
 # Filters torch has antialiased uint8 kernels for (vectorised, channels-last): about 3x
 # faster than Pillow's resize on one core (bench/input_pipeline.py, docs/PERFORMANCE.md).
 _TENSOR_RESIZE = ("bilinear",)
 
 
-def _crop_resize_tensor(img: Image.Image, top: int, left: int, h: int, w: int, size: int, mode: str,
-                        flip: bool) -> torch.Tensor:
-    """Crop ``(top, left, h, w)`` of the decoded image, then resize it to size x size with
-    torch's antialiased uint8 kernel; RGB uint8 CHW with HWC memory.
+def _resize_tensor(crop: Image.Image, size: int, mode: str, flip: bool) -> torch.Tensor:
+    """Resize a decoded RGB crop to size x size with torch's antialiased uint8 kernel; RGB uint8
+    CHW with HWC memory.
 
     Crop-then-resize is the classic pipeline's order (``F.resized_crop``), and torch's
     antialiased bilinear follows Pillow's filter: the pixels equal the classic pipeline's
     within 1 (rounding), closer than a box resize, which reads neighbours past the crop edge.
     """
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    # Only the crop's bytes are copied out of Pillow. Dense HWC memory (NCHW shape,
-    # channels-last strides) takes torch's vectorised uint8 path and gives HWC output.
-    crop = _hwc_view(img.crop((left, top, left + w, top + h))).unsqueeze(0).permute(0, 3, 1, 2)
-    out = torch.nn.functional.interpolate(crop, size=(size, size), mode=mode, antialias=True, align_corners=False)
+    # Dense HWC memory (NCHW shape, channels-last strides) takes torch's vectorised uint8
+    # path and gives HWC output.
+    pixels = _hwc_view(crop).unsqueeze(0).permute(0, 3, 1, 2)
+    out = torch.nn.functional.interpolate(pixels, size=(size, size), mode=mode, antialias=True, align_corners=False)
     if flip:
         out = out.flip(-1)
-    return out.contiguous(memory_format=torch.channels_last)[0]  # HWC memory for collate_batch (a no-op)
+    return out.contiguous(memory_format=torch.channels_last)[0]  # HWC memory for the collate (a no-op)
 
 
 def _hwc_view(img: Image.Image) -> torch.Tensor:
@@ -164,8 +145,56 @@ def _to_uint8_chw(img: Image.Image) -> torch.Tensor:
     return _hwc_view(img).permute(2, 0, 1)
 
 
+@dataclass
+class Decoded:
+    """An image read from its file, ready for the resize: what ``decode`` hands to ``finish``.
+
+    Attributes:
+        image: the decoded pixels (RGB or L), possibly at a reduced JPEG scale.
+        box: the region to resize, in ``image``'s pixels (None: the whole image).
+        flip: mirror the result horizontally.
+        tensor_resize: resize with torch's uint8 kernel instead of Pillow's.
+    """
+
+    image: Image.Image
+    box: tuple[float, float, float, float] | None
+    flip: bool = False
+    tensor_resize: bool = False
+
+
+def _decode_region(img: Image.Image, box: tuple[float, float, float, float], size: int) -> Decoded:
+    """Decode ``img`` at the largest JPEG reduction that keeps ``box`` at ``size`` pixels or more."""
+    left, top, right, bottom = box
+    s = _draft_scale(right - left, bottom - top, size, size)
+    if s > 1:
+        width = img.size[0]
+        # Only JPEG (and MPO) decoders act on draft; other formats return None. Asking for
+        # (W // s, H // s) makes Pillow pick exactly scale s (W // (W // s) is in [s, 2s)).
+        drafted = img.draft("RGB", (img.size[0] // s, img.size[1] // s))
+        if drafted is not None:
+            # Reduced pixel k covers original pixels [k*s, (k+1)*s): coordinates scale by 1/s.
+            factor = drafted[1][2] / width
+            box = (left * factor, top * factor, right * factor, bottom * factor)
+    img.load()
+    if img.mode not in _RESIZE_AS_IS:
+        img = img.convert("RGB")  # before resizing: palette/1 would resize as NEAREST, RGBA premultiplied
+    return Decoded(img, box)
+
+
+def _resize_decoded(decoded: Decoded, size: int, resample: Image.Resampling, reducing_gap: float | None) -> torch.Tensor:
+    out = decoded.image.resize((size, size), resample, box=decoded.box, reducing_gap=reducing_gap)
+    if out.mode != "RGB":
+        out = out.convert("RGB")
+    if decoded.flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _to_uint8_chw(out)
+
+
 class TrainTransform:
     """RandomResizedCrop + RandomHorizontalFlip on a lazily opened PIL image -> uint8 CHW.
+
+    ``decode`` draws the crop and the flip and reads the pixels (the only part that can fail
+    on a broken file); ``finish`` resizes. Calling the transform does both.
 
     Args:
         image_size: output side (square crops).
@@ -192,18 +221,26 @@ class TrainTransform:
         self.hflip = float(hflip)
         self.reducing_gap = reducing_gap
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def decode(self, img: Image.Image) -> Decoded:
         width, height = img.size
         top, left, h, w = random_resized_crop_params(width, height, self.scale, self.ratio)
         flip = bool(torch.rand(1) < self.hflip)  # the draw RandomHorizontalFlip makes, after the crop's
         size = self.image_size
         if self.interpolation in _TENSOR_RESIZE and _draft_scale(w, h, size, size) == 1:
-            # No reduced decode possible: the full decode is needed anyway, resize in torch.
-            return _crop_resize_tensor(img, top, left, h, w, size, self.interpolation, flip)
-        out = _crop_resize(img, (left, top, left + w, top + h), size, self.resample, self.reducing_gap)
-        if flip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return _to_uint8_chw(out)
+            # No reduced decode possible: decode fully, crop, and resize in torch (finish).
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            return Decoded(rgb.crop((left, top, left + w, top + h)), None, flip, tensor_resize=True)
+        decoded = _decode_region(img, (left, top, left + w, top + h), size)
+        decoded.flip = flip
+        return decoded
+
+    def finish(self, decoded: Decoded) -> torch.Tensor:
+        if decoded.tensor_resize:
+            return _resize_tensor(decoded.image, self.image_size, self.interpolation, decoded.flip)
+        return _resize_decoded(decoded, self.image_size, self.resample, self.reducing_gap)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.finish(self.decode(img))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(image_size={self.image_size}, interpolation={self.interpolation!r}, "
@@ -244,63 +281,32 @@ class EvalTransform:
         self.resample = resample_filter(interpolation)
         self.reducing_gap = reducing_gap
 
+    def decode(self, img: Image.Image) -> Decoded:
+        return _decode_region(img, eval_crop_box(*img.size, self.image_size, self.resize_size), self.image_size)
+
+    def finish(self, decoded: Decoded) -> torch.Tensor:
+        return _resize_decoded(decoded, self.image_size, self.resample, self.reducing_gap)
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        box = eval_crop_box(*img.size, self.image_size, self.resize_size)
-        return _to_uint8_chw(_crop_resize(img, box, self.image_size, self.resample, self.reducing_gap))
+        return self.finish(self.decode(img))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(image_size={self.image_size}, resize_size={self.resize_size}, "
                 f"interpolation={self.interpolation!r})")
 
 
-class ToRGB:
-    """``img.convert("RGB")``, the conversion torchvision's ImageFolder loader applies."""
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img if img.mode == "RGB" else img.convert("RGB")
+class ImageReadError(UserError):
+    """An image file that cannot be opened or decoded; the message names it."""
 
 
-def _interpolation_mode(interpolation: str):
-    from torchvision.transforms import InterpolationMode
-
-    return InterpolationMode(interpolation.lower())
-
-
-def classic_train_transform(
-    image_size: int,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    interpolation: str = "bilinear",
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-):
-    """The baseline: PIL -> RGB -> RandomResizedCrop -> flip -> ToTensor -> Normalize (float CHW)."""
-    from torchvision import transforms as T
-
-    return T.Compose([
-        ToRGB(),
-        T.RandomResizedCrop(image_size, scale=scale, ratio=ratio,
-                            interpolation=_interpolation_mode(interpolation)),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
-
-
-def classic_eval_transform(
-    image_size: int,
-    resize_size: int,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    interpolation: str = "bilinear",
-):
-    """The baseline: PIL -> RGB -> Resize(short side) -> CenterCrop -> ToTensor -> Normalize."""
-    from torchvision import transforms as T
-
-    return T.Compose([
-        ToRGB(),
-        T.Resize(resize_size, interpolation=_interpolation_mode(interpolation)),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+def read_eval_image(path: str | os.PathLike, image_size: int, preprocess: PreprocessConfig) -> torch.Tensor:
+    """One image as validation sees it: Resize + CenterCrop, uint8 1 x 3 x S x S (for a Normalizer)."""
+    transform = EvalTransform(image_size, preprocess.eval_resize(image_size), preprocess.interpolation)
+    try:
+        with Image.open(path) as img:
+            decoded = transform.decode(img)
+    except FileNotFoundError:
+        raise ImageReadError(f"image not found: {path}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from None
+    return transform.finish(decoded).unsqueeze(0)

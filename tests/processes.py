@@ -1,0 +1,97 @@
+"""Running main.py and the launchers as real processes: start, wait for a log line, finish, kill."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO
+
+LAUNCH_TIMEOUT = 300  # seconds; a launch normally takes 15-60 s on two busy cores
+
+
+def launch(command: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """Start ``command`` in the repository root, stdout and stderr to ``log``."""
+    # Several processes share two cores: one intra-op thread each avoids oversubscription.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
+    with log.open("w") as stream:
+        return subprocess.Popen(command, cwd=REPO, env=environment, stdout=stream, stderr=subprocess.STDOUT)
+
+
+def main_command(*args: object) -> list[str]:
+    return [sys.executable, "main.py", *[str(a) for a in args]]
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -> str:
+    """Wait for ``process`` (killing it after ``timeout``) and return its output."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        pytest.fail(f"still running after {timeout}s:\n{log.read_text()[-4000:]}")
+    return log.read_text()
+
+
+def run_to_end(command: list[str], log: Path, **env: str) -> tuple[int, str]:
+    process = launch(command, log, **env)
+    output = finish(process, log)
+    return process.returncode, output
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.kill()
+    process.wait()
+
+
+def wait_for_line(pattern: str, process: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -> str:
+    """Wait until a line of ``log`` matches ``pattern`` while ``process`` runs; returns the line."""
+    expression = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in log.read_text().splitlines():
+            if expression.search(line):
+                return line
+        if process.poll() is not None:
+            pytest.fail(f"exited ({process.returncode}) before a line matched {pattern!r}:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            kill_tree(process)
+            pytest.fail(f"no line matched {pattern!r} within {timeout}s")
+        time.sleep(0.02)
+
+
+def wait_for_file(path: Path, process: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -> None:
+    """Wait until ``path`` exists while ``process`` runs."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"exited ({process.returncode}) before {path.name} appeared:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            kill_tree(process)
+            pytest.fail(f"{path.name} did not appear within {timeout}s")
+        time.sleep(0.1)
+
+
+def worker_of(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    """The training process of global ``rank`` among the launcher's descendants."""
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.Error:  # exited meanwhile, or not readable
+            continue
+    raise AssertionError(f"no worker with RANK={rank} under pid {launcher.pid}")

@@ -1,0 +1,239 @@
+"""Building a run from its resolved options: the public building steps.
+
+``training.run.Run``, the benchmarks and the tests all build through these functions:
+``decide`` (what the device makes of the options, once), ``agree_on_seed``,
+``build_loaders``, ``build_model``, ``build_optimization`` and ``wrap_for_training``.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import models
+from models.errors import UserError
+from models.pretrained import published_weights_file
+from models.registry import ModelSpec
+from training import distributed
+from training.data import DatasetError, EvalShardSampler, TrainSampler, build_datasets, build_loader, default_workers
+from training.device import Capabilities, pin_memory_options
+from training.distributed import Topology
+from training.dummy_data import ensure_dummy_imagefolder
+from training.optim import SgdSettings, build_optimizer
+from training.options import PUBLISHED
+from training.precision import Precision, build_precision, initialize_apex
+from training.prefetch import DeviceLoader
+from training.schedule import LrSchedule
+from training.seeding import SYNTHETIC_DATA, derive_seed, draw_run_seed
+from training.synthetic import SYNTHETIC_NUM_CLASSES, SYNTHETIC_STEPS, SYNTHETIC_VAL_STEPS, SyntheticBatches
+
+log = logging.getLogger(__name__)
+
+
+class SetupError(UserError):
+    """Options this device or data set cannot honour."""
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """What the device's capabilities make of the options; decided once, logged once."""
+
+    channels_last: bool
+    compile_backend: str | None
+    pin_memory: dict[str, Any]
+    side_stream_prefetch: bool
+    vendor_fused_sgd: bool
+    notes: tuple[str, ...] = ()
+
+
+def decide(args: argparse.Namespace, caps: Capabilities, topology: Topology) -> Decisions:
+    """Check the options against ``caps``; where the device forces a change, say so."""
+    notes = []
+    if args.channels_last and not caps.channels_last:
+        notes.append(f"channels_last is off on {caps.device_type}: its tensors accept the contiguous "
+                     f"memory format only")
+    if args.compile and caps.compile_backend is None:
+        raise SetupError(f"--compile on {caps.device_type}: {caps.compile_refusal}")
+    if args.sync_bn and topology.distributed and not caps.sync_batchnorm:
+        raise SetupError(f"--sync-bn needs GPUs or NPUs: torch's SyncBatchNorm has no {caps.device_type} "
+                         f"implementation; leave --sync-bn out to normalise each device's batch on its own")
+    if args.npu_fused_sgd and not caps.vendor_fused_sgd:
+        raise SetupError(f"--npu-fused-sgd needs an NPU (torch_npu's NpuFusedSGD); this run is on {caps.device_type}")
+    return Decisions(channels_last=args.channels_last and caps.channels_last,
+                     compile_backend=caps.compile_backend if args.compile else None,
+                     pin_memory=pin_memory_options(caps), side_stream_prefetch=caps.side_stream_prefetch,
+                     vendor_fused_sgd=args.npu_fused_sgd, notes=tuple(notes))
+
+
+def agree_on_seed(seed: int | None) -> int:
+    """``seed``, or one drawn by rank 0 for every rank; torch is seeded with it (model init)."""
+    if seed is None:
+        seed = distributed.broadcast_object(draw_run_seed())
+    torch.manual_seed(seed)
+    return seed
+
+
+# -- data -------------------------------------------------------------------------------
+
+@dataclass
+class Loaders:
+    train: DeviceLoader | SyntheticBatches
+    val: DeviceLoader | SyntheticBatches
+    class_names: list[str]
+    train_images: int
+    steps_per_epoch: int  # the full epoch's steps, capped by --max-steps
+
+
+def _data_root(args: argparse.Namespace, topology: Topology) -> Path:
+    if args.data is not None:
+        return Path(args.data)
+    if topology.is_main:
+        root = ensure_dummy_imagefolder(args.dummy_dir)
+    distributed.barrier()  # rank 0 made it; the others find it
+    if not topology.is_main:
+        root = ensure_dummy_imagefolder(args.dummy_dir)
+    return root
+
+
+def _synthetic_loaders(args: argparse.Namespace, image_size: int, device: torch.device, decisions: Decisions,
+                       seed: int) -> Loaders:
+    num_classes = args.num_classes or SYNTHETIC_NUM_CLASSES
+    steps = min(SYNTHETIC_STEPS, args.max_steps or SYNTHETIC_STEPS)
+    make = dict(batch_size=args.batch_size, image_size=image_size, num_classes=num_classes, device=device,
+                channels_last=decisions.channels_last, seed=derive_seed(seed, SYNTHETIC_DATA))
+    train = SyntheticBatches(steps=steps, **make)
+    names = [f"class_{index}" for index in range(num_classes)]
+    return Loaders(train, SyntheticBatches(steps=SYNTHETIC_VAL_STEPS, **make), names, train.num_images, steps)
+
+
+def build_loaders(args: argparse.Namespace, spec: ModelSpec, topology: Topology, device: torch.device,
+                  decisions: Decisions, seed: int) -> Loaders:
+    """The training and validation batches of this rank, on ``device``."""
+    image_size = args.image_size or spec.preprocess.input_size
+    if args.synthetic:
+        return _synthetic_loaders(args, image_size, device, decisions, seed)
+    train_set, val_set = build_datasets(_data_root(args, topology), image_size, spec.preprocess,
+                                        strict=args.strict_data)
+    global_batch = args.batch_size * topology.process_count
+    if len(train_set) < global_batch:
+        raise DatasetError(f"the training set has {len(train_set)} images, fewer than one batch "
+                           f"({args.batch_size} per device x {topology.process_count} devices)")
+    workers = args.workers if args.workers is not None else default_workers(topology.local_process_count)
+    train_sampler = TrainSampler(len(train_set), seed, topology.process_rank, topology.process_count)
+    val_sampler = EvalShardSampler(len(val_set), topology.process_rank, topology.process_count)
+    common = dict(workers=workers, channels_last=decisions.channels_last, pin_memory=decisions.pin_memory)
+    train = build_loader(train_set, args.batch_size, train_sampler, train=True, **common)
+    val = build_loader(val_set, args.batch_size, val_sampler, train=False, **common)
+    normalizer = models.Normalizer(spec.preprocess.mean, spec.preprocess.std, device)
+    wrap = dict(device=device, normalizer=normalizer, channels_last=decisions.channels_last,
+                side_stream=decisions.side_stream_prefetch)
+    steps = min(len(train), args.max_steps or len(train))
+    return Loaders(DeviceLoader(train, **wrap), DeviceLoader(val, **wrap), list(train_set.classes),
+                   len(train_set), steps)
+
+
+def num_classes_of(args: argparse.Namespace, class_names: list[str]) -> int:
+    if args.num_classes is not None and args.num_classes < len(class_names):
+        raise DatasetError(f"--num-classes {args.num_classes} is smaller than the {len(class_names)} class "
+                           f"folders in the data set")
+    return args.num_classes or len(class_names)
+
+
+# -- model --------------------------------------------------------------------------------
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    options: dict[str, Any] = field(default_factory=dict)  # saved with checkpoints
+
+
+def _initial_weights(args: argparse.Namespace, spec: ModelSpec, resuming: bool) -> tuple[Any, dict[str, Any]]:
+    """(weights file or None, the model options those weights need)."""
+    if resuming or args.pretrained is None:
+        return None, {}
+    if args.pretrained == PUBLISHED:
+        return published_weights_file(spec.published), dict(spec.published.model_options)
+    return args.pretrained, {}
+
+
+def build_model(args: argparse.Namespace, spec: ModelSpec, num_classes: int, device: torch.device,
+                decisions: Decisions, topology: Topology, saved_options: dict[str, Any] | None = None) -> BuiltModel:
+    """The model on ``device``: initial weights (``--pretrained``) unless resuming, aux head per
+    ``--aux-loss-weight``, SyncBatchNorm and memory format as decided."""
+    weights, options = _initial_weights(args, spec, resuming=saved_options is not None)
+    options.update(saved_options or {})
+    if spec.aux_head:
+        options["aux_logits"] = args.aux_loss_weight > 0
+    model = models.create_model(spec.name, num_classes=num_classes, weights=weights, **options)
+    if args.sync_bn and topology.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if decisions.channels_last:
+        model.to(memory_format=torch.channels_last)
+    saved = {key: value for key, value in options.items() if key != "aux_logits"}
+    return BuiltModel(model, saved)
+
+
+# -- optimisation -----------------------------------------------------------------------------
+
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    schedule: LrSchedule
+    sgd: SgdSettings
+    model: nn.Module  # the model apex may have wrapped
+
+
+def sgd_settings(args: argparse.Namespace) -> SgdSettings:
+    return SgdSettings(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov,
+                       decay_norm_and_bias=not args.no_bn_weight_decay)
+
+
+def build_optimization(args: argparse.Namespace, model: nn.Module, caps: Capabilities,
+                       decisions: Decisions) -> Optimization:
+    """Optimizer, precision (autocast + loss scaling) and learning-rate schedule."""
+    sgd = sgd_settings(args)
+    optimizer = build_optimizer(model, caps, sgd, vendor_fused=decisions.vendor_fused_sgd)
+    precision = build_precision(caps.device_type, amp=args.amp, amp_dtype=args.amp_dtype, opt_level=args.opt_level,
+                                loss_scale=args.loss_scale, use_apex=args.apex)
+    model, optimizer = initialize_apex(precision, model, optimizer, args.opt_level, args.loss_scale)
+    schedule = LrSchedule(args.lr, args.epochs, args.warm_up_epochs, args.lr_schedule, args.lr_step_epochs,
+                          args.lr_gamma)
+    return Optimization(optimizer, precision, schedule, sgd, model)
+
+
+def _no_buffer_sync_per_forward() -> dict[str, bool]:
+    # torch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers (both still sync at init).
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def wrap_for_training(model: nn.Module, topology: Topology, device: torch.device,
+                      compile_backend: str | None) -> nn.Module:
+    """DistributedDataParallel across processes, then ``torch.compile`` when decided.
+
+    Buffers are not broadcast before every forward (``broadcast_buffers=False``, as ModelZoo):
+    rank 0's BatchNorm statistics are the same either way, and are given to every rank before
+    each validation (``distributed.broadcast_buffers``).
+    """
+    trained = model
+    if topology.distributed:
+        ids = [device.index] if device.index is not None else None
+        trained = DistributedDataParallel(model, device_ids=ids, **_no_buffer_sync_per_forward())
+    if compile_backend is not None:
+        started = time.perf_counter()
+        trained = torch.compile(trained, backend=compile_backend)
+        log.info("torch.compile (%s) wrapped the model in %.1fs; compilation itself happens in the first "
+                 "steps, which the throughput figure leaves out (--fps-warmup-steps)", compile_backend,
+                 time.perf_counter() - started)
+    return trained
