@@ -21,24 +21,12 @@ import models
 from models.errors import UserError
 from models.loading import load_for_inference
 from training import device as devices
-from training.checkpoint import CheckpointError, default_search_roots, find_newest_run_checkpoint
+from training.checkpoint import checkpoint_for_inference
 from training.transforms import read_eval_image
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_IMAGE = HERE / "demo" / "sample.jpg"
 IGNORED_UPSTREAM = ("--device-list", "--dist-backend", "--addr")  # ModelZoo demo options with no use here
-
-
-def find_checkpoint(given: str | None) -> Path:
-    """``given``, else the newest checkpoint main.py or a test/ script wrote."""
-    if given is not None:
-        return Path(given)
-    roots = default_search_roots(HERE)
-    found = find_newest_run_checkpoint(roots)
-    if found is None:
-        raise CheckpointError(f"no checkpoint found under {', '.join(str(root) for root in roots)}; train one "
-                              f"first (bash quickstart.sh), or give --checkpoint FILE")
-    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     for flag in IGNORED_UPSTREAM:
         if getattr(args, flag.lstrip("-").replace("-", "_")) is not None:
             print(f"warning: {flag} is accepted for ModelZoo command lines but has no effect here", file=sys.stderr)
-    checkpoint = find_checkpoint(args.checkpoint)
+    checkpoint = checkpoint_for_inference(args.checkpoint, HERE)
     loaded = load_for_inference(checkpoint, args.arch, use_ema=args.use_ema)
     image_size = args.image_size or loaded.image_size
     image_path = _image_path(args.image)

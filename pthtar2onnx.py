@@ -26,7 +26,7 @@ import torch
 import models
 from models.errors import UserError
 from models.loading import InferenceModel, load_for_inference
-from training.checkpoint import CheckpointError, default_search_roots, find_newest_run_checkpoint
+from training.checkpoint import checkpoint_for_inference
 from training.transforms import read_eval_image
 
 HERE = Path(__file__).resolve().parent
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
                         help="input height and width (default: the checkpoint's training size, "
                              "else the model's)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset version (default: {DEFAULT_OPSET}, as ModelZoo)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset version (default: {DEFAULT_OPSET}, as ModelZoo)")
     parser.add_argument("--dynamo", action="store_true",
                         help=f"use the torch.export-based exporter (needs --opset >= {DYNAMO_MIN_OPSET}) "
                              "instead of the TorchScript one")
@@ -79,18 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dynamo and args.opset < DYNAMO_MIN_OPSET:
         parser.error(f"--dynamo writes opset {DYNAMO_MIN_OPSET} or newer; got --opset {args.opset}")
     return args
-
-
-def find_checkpoint(given: str | None) -> Path:
-    """``given``, else the newest checkpoint main.py or a test/ script wrote."""
-    if given is not None:
-        return Path(given)
-    roots = default_search_roots(HERE)
-    found = find_newest_run_checkpoint(roots)
-    if found is None:
-        raise CheckpointError(f"no checkpoint found under {', '.join(str(root) for root in roots)}; train one "
-                              f"first (bash quickstart.sh), or give the CHECKPOINT")
-    return found
 
 
 class ExportError(UserError):
@@ -142,7 +131,7 @@ def check_batch(loaded: InferenceModel, size: int, count: int, generator: torch.
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoint = find_checkpoint(args.checkpoint)
+    checkpoint = checkpoint_for_inference(args.checkpoint, HERE)
     loaded = load_for_inference(checkpoint, args.arch, use_ema=args.use_ema)
     size = args.image_size or loaded.image_size
     if size < loaded.spec.min_input_size:

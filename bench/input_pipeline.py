@@ -231,7 +231,6 @@ def measure_loader(pipes: Pipelines, workers: int, batch_size: int, batches: int
     result["peak_tree_pss_bytes"] = memory.peak  # both loaders' workers alive together
     for stream in streams.values():
         stream.close()
-    del reference, ours_loader
     return result
 
 

@@ -7,7 +7,6 @@ dicts, checks the architecture and class count with the same checks training use
 """
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from .preprocess import PreprocessConfig
 from .registry import ModelSpec, UnknownArchError, create_model, list_models, model_spec, resolve_arch
 from .weights import WeightsError, extract_state_dict, load_weights, read_weights_file
 
-log = logging.getLogger(__name__)
 
 IMAGENET_CLASSES = 1000
 EMA_KEY = "ema_state_dict"  # averaged weights, when the run kept them (--model-ema)

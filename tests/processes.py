@@ -58,32 +58,41 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def wait_until(found, what: str, process: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT):
+    """Poll ``found()`` until it returns something while ``process`` runs; returns that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = found()
+        if result:
+            return result
+        if process.poll() is not None:
+            pytest.fail(f"exited ({process.returncode}) before {what}:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            kill_tree(process)
+            pytest.fail(f"no {what} within {timeout}s")
+        time.sleep(0.02)
+
+
 def wait_for_line(pattern: str, process: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -> str:
     """Wait until a line of ``log`` matches ``pattern`` while ``process`` runs; returns the line."""
     expression = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in log.read_text().splitlines():
-            if expression.search(line):
-                return line
-        if process.poll() is not None:
-            pytest.fail(f"exited ({process.returncode}) before a line matched {pattern!r}:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            kill_tree(process)
-            pytest.fail(f"no line matched {pattern!r} within {timeout}s")
-        time.sleep(0.02)
+
+    def matching_line() -> str | None:
+        return next((line for line in log.read_text().splitlines() if expression.search(line)), None)
+
+    return wait_until(matching_line, f"a line matching {pattern!r}", process, log, timeout)
 
 
 def wait_for_file(path: Path, process: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -> None:
     """Wait until ``path`` exists while ``process`` runs."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            pytest.fail(f"exited ({process.returncode}) before {path.name} appeared:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            kill_tree(process)
-            pytest.fail(f"{path.name} did not appear within {timeout}s")
-        time.sleep(0.1)
+    wait_until(path.exists, f"{path.name}", process, log, timeout)
+
+
+def run_together(commands: list[list[str]], logs: list[Path]) -> list[tuple[int, str]]:
+    """Start every command at once (the processes of one job); their exit codes and outputs."""
+    processes = [launch(command, log) for command, log in zip(commands, logs)]
+    outputs = [finish(process, log) for process, log in zip(processes, logs)]
+    return [(process.returncode, output) for process, output in zip(processes, outputs)]
 
 
 def worker_of(launcher: subprocess.Popen, rank: int) -> psutil.Process:

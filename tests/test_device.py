@@ -92,21 +92,22 @@ def test_npu_refuses_compile_without_a_backend_and_fused_sgd_elsewhere():
     no_backend = replace(NPU, compile_backend=None, compile_refusal="torch_npu 2.5.1 has no torch.compile backend")
     with pytest.raises(SetupError, match="--compile on npu: torch_npu 2.5.1 has no torch.compile backend"):
         decide(resolved("--dummy", "--compile"), no_backend, Topology())
-    assert decide(resolved("--dummy", "--compile"), replace(NPU, compile_backend="npu"), Topology()).compile_backend == "npu"
+    with_torchair = replace(NPU, compile_backend="npu")
+    assert decide(resolved("--dummy", "--compile"), with_torchair, Topology()).compile_backend == "npu"
     with pytest.raises(SetupError, match="--npu-fused-sgd needs an NPU"):
         decide(resolved("--dummy", "--npu-fused-sgd"), CAPABILITIES["cpu"], Topology())
     with pytest.raises(SetupError, match="SyncBatchNorm has no cpu"):
         decide(resolved("--dummy", "--sync-bn"), CAPABILITIES["cpu"], Topology(0, 2, 0, 2))
 
 
-@pytest.mark.filterwarnings("ignore:.pin_memory. argument is set as true")
 def test_models_and_batches_stay_contiguous_where_the_table_says_so(tiny_data):
     """The NPU row's decisions, carried out on the CPU: no channels-last tensor anywhere."""
     args = resolved("-a", "xception", "--data", str(tiny_data), "--image-size", str(TINY_IMAGE_SIZE), "-b", "4",
                     "-j", "0", "--seed", "0")
     cpu = torch.device("cpu")
     for row, channels_last in ((NPU, False), (CAPABILITIES["cpu"], True)):
-        decisions = decide(args, row, Topology())
+        # No NPU here to pin memory for: the formats are what this test is about.
+        decisions = replace(decide(args, row, Topology()), pin_memory={"pin_memory": False})
         spec = models.model_spec("xception")
         loaders = build_loaders(args, spec, Topology(), cpu, decisions, seed=0)
         images, _, _ = next(iter(loaders.train))
@@ -128,8 +129,10 @@ def _fake_plugin(tmp_path, body: str):
 
 @pytest.fixture
 def fresh_plugin_state(monkeypatch):
-    monkeypatch.setattr(devices, "_torch_npu", False)
+    devices.import_torch_npu.cache_clear()
     monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    yield
+    devices.import_torch_npu.cache_clear()
 
 
 def test_missing_torch_npu_means_no_npu(fresh_plugin_state):

@@ -93,8 +93,14 @@ def test_a_recipe_warm_up_shrinks_with_a_shorter_run():
 
 
 def test_an_explicit_warm_up_that_never_ends_is_an_error():
-    with pytest.raises(OptionError, match="--warm_up_epochs 5 reaches the last epoch .--epochs 4."):
+    with pytest.raises(OptionError, match="--warm_up_epochs 5 reaches the last epoch .--epochs 4.: the learning "
+                                          "rate never leaves the warm-up ramp; use fewer warm-up epochs"):
         resolved("-a", "xception", "--synthetic", "--epochs", "4", "--warm_up_epochs", "5")
+    # A throughput run (ModelZoo's Xception performance line: 2 epochs, warm-up 5) only gets a note.
+    command = parse_command_line(["--synthetic", "--epochs", "2", "--warm_up_epochs", "5", "--max-steps", "10"])
+    notes = resolve_options(command.args, command.explicit, 8).notes
+    assert notes == ["--warm_up_epochs 5 reaches the last epoch (--epochs 2): the learning rate never leaves the "
+                     "warm-up ramp; accepted for a run cut by --max-steps"]
     assert resolved("--dummy", "--epochs", "4", "--warm_up_epochs", "3").warm_up_epochs == 3
 
 
@@ -116,13 +122,14 @@ def test_multiprocessing_distributed_divides_the_node_batch_and_workers():
 
 def test_a_programming_error_keeps_its_traceback(tiny_data, tmp_path):
     """A bug is not a one-line "error:": it propagates with its traceback and a non-zero exit."""
+    argv = [str(a) for a in quick_args(tiny_data, tmp_path, "xception", "--image-size", "48")]
     program = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
                "import training.engine as engine\n"
                "def broken(self, outputs, target):\n"
                "    raise ValueError('a bug in the loss')\n"
                "engine.TrainingLoss.forward = broken\n"
                "from training.run import main\n"
-               f"sys.exit(main({[str(a) for a in quick_args(tiny_data, tmp_path, 'xception', '--image-size', '48')]!r}))\n")
+               f"sys.exit(main({argv!r}))\n")
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr and "ValueError: a bug in the loss" in result.stderr

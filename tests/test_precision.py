@@ -1,7 +1,6 @@
 """Mixed precision: fp16 steps skipped for overflowing gradients are counted, reported and warned about."""
 from __future__ import annotations
 
-import pytest
 
 from conftest import metrics_of, quick_args, run_main
 

@@ -114,7 +114,8 @@ def test_full_1p_xception_two_epochs_keeps_an_earlier_run(tiny_data, out):
     records = [json.loads(line) for line in (out / "1" / case / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["mode"] == "train"]
     steps = [r for r in records if r["mode"] == "step"]
-    assert [r["epoch"] for r in epochs] == [1, 2] and json.loads((out / "1" / case / "args.json").read_text())["seed"] == 49
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert json.loads((out / "1" / case / "args.json").read_text())["seed"] == 49
     assert summary["TrainAccuracy"] == f"{epochs[-1]['val_acc1']:.3f}"
     assert summary["ActualFPS"] == f"{epochs[-1]['fps']:.3f}"  # the last epoch's
     losses = (out / "1" / f"train_{case}_loss.txt").read_text().split()

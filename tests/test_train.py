@@ -111,6 +111,16 @@ def test_non_finite_loss_stops_with_step(tiny_data, tmp_path):
     assert not (tmp_path / "checkpoint.pth.tar").exists()
 
 
+def test_diverged_weights_are_not_saved(tiny_data, tmp_path):
+    """One step at an absurd learning rate: the training loss of that step is still finite, the
+    weights after it are not. Nothing is written, and the validation loss is reported."""
+    result = run_main(*quick_args(tiny_data, tmp_path, "xception", "--lr", "3e38", "--max-steps", "1",
+                                  "--image-size", "48"))
+    assert result.code == 1, result.output
+    assert "the weights became non-finite during epoch 0: this epoch is not saved" in result.output
+    assert not (tmp_path / "checkpoint.pth.tar").exists()
+
+
 def test_unreadable_images_are_replaced_and_counted(tmp_path):
     data = make_imagefolder(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=2, image_size=80)
     add_awkward_files(data, size=(80, 80))

@@ -121,3 +121,15 @@ def find_newest_run_checkpoint(roots: Iterable[str | os.PathLike]) -> Path | Non
         if chosen is not None:
             return chosen
     return None
+
+
+def checkpoint_for_inference(given: str | os.PathLike | None, repo_dir: Path) -> Path:
+    """``given``, else the newest checkpoint main.py or a test/ script wrote (demo, export)."""
+    if given is not None:
+        return Path(given)
+    roots = default_search_roots(repo_dir)
+    found = find_newest_run_checkpoint(roots)
+    if found is None:
+        raise CheckpointError(f"no checkpoint found under {', '.join(str(root) for root in roots)}; train one "
+                              f"first (bash quickstart.sh), or give --checkpoint FILE")
+    return found

@@ -7,8 +7,9 @@ Each training option takes, in this order:
 3. the recipe of the architecture at this world size (``training.recipes``).
 
 A recipe warm-up longer than a shortened run is scaled with it; an explicit warm-up that
-reaches the last epoch is an error. Under ``--multiprocessing-distributed``, ``-b`` and
-``-j`` are per node and divided between its devices, as ModelZoo's ``main.py`` does.
+reaches the last epoch is an error (a note only for a throughput run cut by
+``--max-steps``). Under ``--multiprocessing-distributed``, ``-b`` and ``-j`` are per node
+and divided between its devices, as ModelZoo's ``main.py`` does.
 """
 from __future__ import annotations
 
@@ -65,10 +66,15 @@ def _fit_warm_up(args: argparse.Namespace, recipe: Recipe, from_recipe: bool) ->
             args.warm_up_epochs = scaled
             return note
         return None
-    if args.warm_up_epochs and args.warm_up_epochs >= args.epochs:
-        raise OptionError(f"--warm_up_epochs {args.warm_up_epochs:g} reaches the last epoch (--epochs {args.epochs}): "
-                          f"the learning rate would never leave the warm-up ramp; use fewer warm-up epochs")
-    return None
+    if args.evaluate or not (args.warm_up_epochs and args.warm_up_epochs >= args.epochs):
+        return None
+    problem = (f"--warm_up_epochs {args.warm_up_epochs:g} reaches the last epoch (--epochs {args.epochs}): "
+               f"the learning rate never leaves the warm-up ramp")
+    if args.max_steps:
+        # A throughput run (cut by --max-steps, as the ModelZoo performance lines are) does not
+        # care where the learning rate is; say so and go on.
+        return problem + "; accepted for a run cut by --max-steps"
+    raise OptionError(problem + "; use fewer warm-up epochs")
 
 
 def _changes(saved: dict[str, Any], args: argparse.Namespace) -> str | None:

@@ -11,7 +11,6 @@ to the device.
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from training.transforms import EvalTransform, TrainTransform
 if TYPE_CHECKING:
     from models.preprocess import PreprocessConfig
 
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 MAX_DEFAULT_WORKERS = 8

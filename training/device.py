@@ -16,6 +16,7 @@ globally, is deliberately not used: it breaks an explicit device choice.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -101,15 +102,13 @@ CAPABILITIES = {
 
 # -- torch_npu ---------------------------------------------------------------------------
 
-_torch_npu: ModuleType | None | bool = False  # False: not tried yet
-
-
+@functools.lru_cache(maxsize=None)
 def import_torch_npu() -> ModuleType | None:
-    """torch_npu, None when it is not installed; DeviceError when it is installed but broken."""
-    global _torch_npu
-    if _torch_npu is False:
-        _torch_npu = sys.modules.get("torch_npu") or _import_plugin("torch_npu")
-    return _torch_npu
+    """torch_npu, None when it is not installed; DeviceError when it is installed but broken.
+
+    Tried once per process (``import_torch_npu.cache_clear()`` forgets the answer).
+    """
+    return sys.modules.get("torch_npu") or _import_plugin("torch_npu")
 
 
 def _import_plugin(name: str) -> ModuleType | None:

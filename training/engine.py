@@ -9,6 +9,7 @@ may write a mid-epoch checkpoint meanwhile.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
@@ -112,6 +113,19 @@ def _check_finite(losses: list[torch.Tensor], first_step: int, epoch: int) -> No
         raise NonFiniteLossError(
             f"the loss became {value} at epoch {epoch} step {first_step + offset}; stopping. Lower --lr, "
             f"add --clip-grad, or use --amp --loss-scale dynamic to skip overflowing fp16 steps")
+
+
+def check_weights_before_saving(model: nn.Module, val_loss: float, epoch: int) -> None:
+    """Never write a checkpoint of non-finite weights (the last good one is kept); warn when
+    the validation loss alone is not finite (eval-mode BatchNorm statistics not settled yet)."""
+    finite = torch.stack([torch.isfinite(tensor).all() for tensor in model.state_dict().values()
+                          if tensor.is_floating_point()]).all()
+    if not bool(finite):
+        raise NonFiniteLossError(f"the weights became non-finite during epoch {epoch}: this epoch is not saved "
+                                 f"and the last checkpoint is kept. Lower --lr or add --clip-grad")
+    if not math.isfinite(val_loss):
+        log.warning("warning: the validation loss of epoch %d is %s: the model's outputs overflow in eval mode "
+                    "(BatchNorm statistics not settled after few steps, or training diverging)", epoch, val_loss)
 
 
 def _warn_skipped_steps(skipped: int, steps: int, epoch: int, precision: Precision) -> None:

@@ -196,6 +196,10 @@ def fps_summary(device: torch.device, fps: float) -> str:
     return f"[{device.type} id: {device.index if device.index is not None else 0} ] * FPS@all {fps:.3f}"
 
 
+# Where a record sits (its TensorBoard step), not a value to plot.
+_POSITION_KEYS = ("epoch", "epochs", "step", "steps", "global_step")
+
+
 class MetricsWriter:
     """Rank 0's ``metrics.jsonl`` and, when tensorboard is installed, its scalars."""
 
@@ -213,7 +217,7 @@ class MetricsWriter:
         if self._board is not None:
             step = int(record.get("global_step", record.get("epoch", 0)))
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _POSITION_KEYS:
                     self._board.add_scalar(f"{record.get('mode', 'train')}/{key}", value, step)
             self._board.flush()
 

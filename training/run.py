@@ -17,21 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 
-import models
 from models.errors import UserError
 from training import checkpoint as checkpoints
 from training import device as devices
 from training import distributed
-from training.config import divide_per_node, resolve_options
+from training.config import divide_per_node
 from training.distributed import DistributedError, NodeLayout, Topology
-from training.engine import EpochPosition, LoopSettings, TrainingLoss, evaluate, train_one_epoch
+from training.engine import EpochPosition, TrainingLoss, check_weights_before_saving, evaluate, train_one_epoch
 from training.metrics import MetricsWriter, RunningSums, setup_logging
 from training.options import CommandLine, parse_command_line, warn_ignored_options
 from training.preemption import PREEMPTED_EXIT_CODE, Preempted, RunControl, StopSignals
-from training.recipes import REFERENCE_WORLD_SIZE, linear_scaling_hint
-from training.setup import (Loaders, Optimization, agree_on_seed, build_loaders, build_model, build_optimization,
-                            decide, num_classes_of, wrap_for_training)
-from training.state import RunIdentity, TrainingState
+from training.setup import Loaders, RunParts, build_run, log_start, wrap_for_training
+from training.state import TrainingState
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +111,7 @@ def _run_on_device(command: CommandLine, topology: Topology, signals: StopSignal
 
 
 class Run:
-    """One process's run: resolve the options, build, then evaluate or train epoch by epoch."""
+    """One process's run: build it, then evaluate, or train epoch by epoch."""
 
     def __init__(self, command: CommandLine, topology: Topology, device: torch.device,
                  caps: devices.Capabilities, signals: StopSignals | None = None):
@@ -123,66 +120,48 @@ class Run:
         self.output_dir = Path(command.args.output_dir)
 
     def execute(self) -> None:
-        resumed, saved = self._checkpoint_to_resume()
-        resolution = resolve_options(self.command.args, self.command.explicit, self.topology.process_count,
-                                     saved.get("args") if saved else None)
-        args = self.args = resolution.args
-        args.seed = agree_on_seed(args.seed)
-        decisions = decide(args, self.caps, self.topology)
-        spec = models.model_spec(args.arch)
-        loaders = build_loaders(args, spec, self.topology, self.device, decisions, args.seed)
-        num_classes = num_classes_of(args, loaders.class_names)
-        built = build_model(args, spec, num_classes, self.device, decisions, self.topology,
-                            saved.get("model_options", {}) if saved else None)
-        optimization = build_optimization(args, built.model, self.caps, decisions)
-        identity = RunIdentity(spec.name, num_classes, loaders.class_names,
-                               args.image_size or spec.preprocess.input_size, built.options)
-        state = TrainingState(built.model, optimization.optimizer, optimization.precision, optimization.sgd,
-                              identity, args.seed, loaders.steps_per_epoch,
-                              {"world_size": self.topology.process_count, "batch_size": args.batch_size},
-                              epoch=args.start_epoch)
-        _log_start(args, self.topology, self.device, loaders, optimization, [*decisions.notes, *resolution.notes])
+        resumed, saved = checkpoint_to_resume(self.command.args.resume, self.output_dir, self.topology)
+        parts = build_run(self.command, self.topology, self.device, self.caps, saved)
+        self.args = parts.args
+        log_start(parts, self.topology, self.device)
         if saved:
-            explicit_start = args.start_epoch if "start_epoch" in self.command.explicit else None
-            state.restore(saved, resumed, training=not args.evaluate, start_epoch=explicit_start)
-        settings = LoopSettings(device=self.device, seed=args.seed, rank=self.topology.process_rank,
-                                print_freq=args.print_freq, fps_warmup_steps=args.fps_warmup_steps,
-                                clip_grad=args.clip_grad, zero_grad_to_none=not decisions.vendor_fused_sgd,
-                                progress=args.progress, show_progress=self.topology.is_main)
+            explicit_start = parts.args.start_epoch if "start_epoch" in self.command.explicit else None
+            parts.state.restore(saved, resumed, training=not parts.args.evaluate, start_epoch=explicit_start)
         writer = MetricsWriter(self.output_dir, enabled=self.topology.is_main)
         try:
-            if args.evaluate:
-                metrics = evaluate(state.model, loaders.val, nn.CrossEntropyLoss(), state.precision, settings)
-                writer.write({"mode": "evaluate", "epoch": state.epoch, "arch": args.arch, **metrics})
-                return
-            self._write_args()
-            trained = wrap_for_training(optimization.model, self.topology, self.device, decisions.compile_backend)
-            self._train(state, trained, loaders, optimization, settings, writer)
+            if parts.args.evaluate:
+                metrics = evaluate(parts.state.model, parts.loaders.val, nn.CrossEntropyLoss(),
+                                   parts.state.precision, parts.settings)
+                writer.write({"mode": "evaluate", "epoch": parts.state.epoch, "arch": parts.args.arch, **metrics})
+            else:
+                write_args(parts.args, self.output_dir, self.topology)
+                self._train(parts, writer)
         finally:
             writer.close()
 
-    def _train(self, state: TrainingState, trained: nn.Module, loaders: Loaders, optimization: Optimization,
-               settings: LoopSettings, writer: MetricsWriter) -> None:
-        args = self.args
+    def _train(self, parts: RunParts, writer: MetricsWriter) -> None:
+        args, state, loaders, optimization = parts.args, parts.state, parts.loaders, parts.optimization
+        trained = wrap_for_training(optimization.model, self.topology, self.device, parts.decisions.compile_backend)
         loss_fn = TrainingLoss(args.label_smoothing, args.aux_loss_weight)
         control = RunControl(self.signals, lambda *at: self._save_mid_epoch(state, *at), args.save_every,
                              args.save_every_steps, self.topology.is_main)
         for epoch in range(state.epoch, args.epochs):
             position = EpochPosition(epoch, loaders.steps_per_epoch, state.step if epoch == state.epoch else 0)
             loaders.train.set_epoch(epoch)
-            loaders.train.skip(position.start_step * args.batch_size)
+            loaders.train.skip(position.start_step * loaders.batch_size)
             sums = RunningSums(self.device)
             if state.epoch_sums and self.topology.is_main:
                 sums.load_state_dict(state.epoch_sums)  # the job's sums of the steps done before the resume
             record = train_one_epoch(trained, loaders.train, loss_fn, optimization.optimizer, optimization.schedule,
-                                     state.precision, position, settings, sums, control, writer.write)
+                                     state.precision, position, parts.settings, sums, control, writer.write)
             if record.pop("interrupted"):
                 raise Preempted()
             distributed.broadcast_buffers(state.model)  # validate (and save) rank 0's BatchNorm statistics
-            record.update(evaluate(state.model, loaders.val, nn.CrossEntropyLoss(), state.precision, settings))
+            record.update(evaluate(state.model, loaders.val, nn.CrossEntropyLoss(), state.precision, parts.settings))
+            check_weights_before_saving(state.model, record["val_loss"], epoch)
             state.finish_epoch(epoch + 1, record["val_acc1"])
             self._save(state, best=state.is_best)
-            writer.write(self._epoch_record(state, record))
+            writer.write(self._epoch_record(state, loaders, record))
             control.epoch_saved()
             if control.stop_requested():
                 raise Preempted()
@@ -202,47 +181,34 @@ class Run:
         if best:
             checkpoints.save_checkpoint(payload, self.output_dir / checkpoints.BEST_NAME)
 
-    def _epoch_record(self, state: TrainingState, record: dict[str, Any]) -> dict[str, Any]:
-        args, count = self.args, self.topology.process_count
-        return {"mode": "train", "epoch": state.epoch, "epochs": args.epochs, "arch": args.arch,
-                "world_size": count, "batch_size": args.batch_size, "global_batch_size": args.batch_size * count,
-                **record, "best_acc1": state.best_acc1, "is_best": state.is_best}
+    def _epoch_record(self, state: TrainingState, loaders: Loaders, record: dict[str, Any]) -> dict[str, Any]:
+        return {"mode": "train", "epoch": state.epoch, "epochs": self.args.epochs, "arch": self.args.arch,
+                "world_size": self.topology.process_count, "batch_size": loaders.batch_size,
+                "global_batch_size": loaders.global_batch_size, **record, "best_acc1": state.best_acc1,
+                "is_best": state.is_best}
 
-    def _write_args(self) -> None:
-        if self.topology.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "args.json").write_text(json.dumps(_plain(vars(self.args)), indent=2) + "\n")
 
-    def _checkpoint_to_resume(self) -> tuple[Path | None, dict[str, Any] | None]:
-        args = self.command.args
-        if not args.resume:
-            return None, None
-        path = Path(args.resume) if args.resume != "auto" else self._find_auto_resume()
-        return (path, checkpoints.load_checkpoint(path)) if path is not None else (None, None)
+def write_args(args: Any, output_dir: Path, topology: Topology) -> None:
+    """``args.json``: the options the run really uses (after the checkpoint's and the recipe's)."""
+    if topology.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(_plain(vars(args)), indent=2) + "\n")
 
-    def _find_auto_resume(self) -> Path | None:
-        found = checkpoints.find_resume_checkpoint(self.output_dir) if self.topology.is_main else None
-        found = distributed.broadcast_object(found)
-        log.info("--resume auto: %s", f"resuming from {found}" if found else "no checkpoint yet, starting fresh")
-        return found
+
+def checkpoint_to_resume(resume: str | None, output_dir: Path,
+                         topology: Topology) -> tuple[Path | None, dict[str, Any] | None]:
+    """``--resume``'s checkpoint (rank 0 picks ``auto``'s for everyone) and its contents."""
+    if not resume:
+        return None, None
+    if resume == "auto":
+        found = checkpoints.find_resume_checkpoint(output_dir) if topology.is_main else None
+        path = distributed.broadcast_object(found)
+        log.info("--resume auto: %s", f"resuming from {path}" if path else "no checkpoint yet, starting fresh")
+    else:
+        path = Path(resume)
+    return (path, checkpoints.load_checkpoint(path)) if path is not None else (None, None)
 
 
 def _plain(options: dict[str, Any]) -> dict[str, Any]:
     """Options as JSON values (paths and the like as strings)."""
     return json.loads(json.dumps(options, default=str))
-
-
-def _log_start(args: Any, topology: Topology, device: torch.device, loaders: Loaders, optimization: Optimization,
-               notes: list[str]) -> None:
-    count = topology.process_count
-    log.info("network: %s, %d classes, %d training images, image size %s, device %s, %d process(es)",
-             args.arch, len(loaders.class_names) if args.num_classes is None else args.num_classes,
-             loaders.train_images, args.image_size or "model default", devices.describe(device), count)
-    log.info("batch size %d per device x %d = %d global; lr %g (the %s recipe's unless set)", args.batch_size,
-             count, args.batch_size * count, args.lr, "1-device" if count == 1 else f"{REFERENCE_WORLD_SIZE}-device")
-    if count not in (1, REFERENCE_WORLD_SIZE):
-        log.info("note: the linear scaling rule from the 1-device recipe suggests --lr %.4g for this global batch; "
-                 "it is not applied automatically", linear_scaling_hint(args.arch, count, args.batch_size))
-    log.info("precision: %s; seed %d", optimization.precision.description, args.seed)
-    for note in notes:
-        log.info("note: %s", note)

@@ -28,16 +28,19 @@ class LrSchedule:
     gamma: float = 0.1
 
     def factor(self, epoch: int, step: int, steps_per_epoch: int) -> float:
-        """The multiplier of the peak rate for step ``step`` (0-based) of epoch ``epoch``."""
-        start = epoch + step / steps_per_epoch  # progress, in epochs, when the step begins
-        end = epoch + (step + 1) / steps_per_epoch
-        if end <= self.warmup_epochs:
-            return end / self.warmup_epochs  # the first step already moves: (step + 1) / warm-up steps
+        """The multiplier of the peak rate for step ``step`` (0-based) of epoch ``epoch``.
+
+        Written in steps of this run (``done / steps_per_epoch`` is the progress in epochs), so
+        the curve is the same whatever the steps per epoch.
+        """
+        done = epoch * steps_per_epoch + step  # steps before this one
+        warmup = self.warmup_epochs * steps_per_epoch
+        if done + 1 <= warmup:
+            return (done + 1) / warmup  # the first step already moves
         if self.kind == "step":
-            return self.gamma ** int(start // self.step_epochs)
-        decay = max(self.epochs - self.warmup_epochs, 1e-12)
-        progress = min(max(start - self.warmup_epochs, 0.0) / decay, 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return self.gamma ** (done // (self.step_epochs * steps_per_epoch))
+        decay = max(self.epochs * steps_per_epoch - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(done - warmup, 0) / decay, 1.0)))
 
     def lr(self, epoch: int, step: int, steps_per_epoch: int) -> float:
         return self.peak_lr * self.factor(epoch, step, steps_per_epoch)

@@ -20,7 +20,6 @@ SHUFFLE = 1
 AUGMENTATION = 2
 DROPOUT = 3
 REPLACEMENT = 4
-SYNTHETIC_DATA = 5
 
 
 def derive_seed(seed: int, stream: int, *keys: int) -> int:

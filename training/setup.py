@@ -1,8 +1,9 @@
-"""Building a run from its resolved options: the public building steps.
+"""Building a run from its options: the public building steps.
 
 ``training.run.Run``, the benchmarks and the tests all build through these functions:
 ``decide`` (what the device makes of the options, once), ``agree_on_seed``,
-``build_loaders``, ``build_model``, ``build_optimization`` and ``wrap_for_training``.
+``build_loaders``, ``build_model``, ``build_optimization`` and ``wrap_for_training``;
+``build_run`` chains them for main.py and ``log_start`` says what was built.
 """
 from __future__ import annotations
 
@@ -28,11 +29,16 @@ from training.device import Capabilities, pin_memory_options
 from training.distributed import Topology
 from training.dummy_data import ensure_dummy_imagefolder
 from training.optim import SgdSettings, build_optimizer
-from training.options import PUBLISHED
+from training.config import resolve_options
+from training.device import describe
+from training.engine import LoopSettings
+from training.options import PUBLISHED, CommandLine
 from training.precision import Precision, build_precision, initialize_apex
 from training.prefetch import DeviceLoader
+from training.recipes import REFERENCE_WORLD_SIZE, linear_scaling_hint
 from training.schedule import LrSchedule
-from training.seeding import SYNTHETIC_DATA, derive_seed, draw_run_seed
+from training.state import RunIdentity, TrainingState
+from training.seeding import draw_run_seed
 from training.synthetic import SYNTHETIC_NUM_CLASSES, SYNTHETIC_STEPS, SYNTHETIC_VAL_STEPS, SyntheticBatches
 
 log = logging.getLogger(__name__)
@@ -90,6 +96,8 @@ class Loaders:
     class_names: list[str]
     train_images: int
     steps_per_epoch: int  # the full epoch's steps, capped by --max-steps
+    batch_size: int  # per device
+    global_batch_size: int  # all devices' together
 
 
 def _data_root(args: argparse.Namespace, topology: Topology) -> Path:
@@ -104,14 +112,15 @@ def _data_root(args: argparse.Namespace, topology: Topology) -> Path:
 
 
 def _synthetic_loaders(args: argparse.Namespace, image_size: int, device: torch.device, decisions: Decisions,
-                       seed: int) -> Loaders:
+                       seed: int, count: int) -> Loaders:
     num_classes = args.num_classes or SYNTHETIC_NUM_CLASSES
     steps = min(SYNTHETIC_STEPS, args.max_steps or SYNTHETIC_STEPS)
     make = dict(batch_size=args.batch_size, image_size=image_size, num_classes=num_classes, device=device,
-                channels_last=decisions.channels_last, seed=derive_seed(seed, SYNTHETIC_DATA))
+                channels_last=decisions.channels_last, seed=seed)
     train = SyntheticBatches(steps=steps, **make)
     names = [f"class_{index}" for index in range(num_classes)]
-    return Loaders(train, SyntheticBatches(steps=SYNTHETIC_VAL_STEPS, **make), names, train.num_images, steps)
+    return Loaders(train, SyntheticBatches(steps=SYNTHETIC_VAL_STEPS, **make), names, train.num_images, steps,
+                   args.batch_size, args.batch_size * count)
 
 
 def build_loaders(args: argparse.Namespace, spec: ModelSpec, topology: Topology, device: torch.device,
@@ -119,7 +128,7 @@ def build_loaders(args: argparse.Namespace, spec: ModelSpec, topology: Topology,
     """The training and validation batches of this rank, on ``device``."""
     image_size = args.image_size or spec.preprocess.input_size
     if args.synthetic:
-        return _synthetic_loaders(args, image_size, device, decisions, seed)
+        return _synthetic_loaders(args, image_size, device, decisions, seed, topology.process_count)
     train_set, val_set = build_datasets(_data_root(args, topology), image_size, spec.preprocess,
                                         strict=args.strict_data)
     global_batch = args.batch_size * topology.process_count
@@ -137,7 +146,7 @@ def build_loaders(args: argparse.Namespace, spec: ModelSpec, topology: Topology,
                 side_stream=decisions.side_stream_prefetch)
     steps = min(len(train), args.max_steps or len(train))
     return Loaders(DeviceLoader(train, **wrap), DeviceLoader(val, **wrap), list(train_set.classes),
-                   len(train_set), steps)
+                   len(train_set), steps, args.batch_size, global_batch)
 
 
 def num_classes_of(args: argparse.Namespace, class_names: list[str]) -> int:
@@ -237,3 +246,67 @@ def wrap_for_training(model: nn.Module, topology: Topology, device: torch.device
                  "steps, which the throughput figure leaves out (--fps-warmup-steps)", compile_backend,
                  time.perf_counter() - started)
     return trained
+
+
+# -- the whole run --------------------------------------------------------------------------
+
+@dataclass
+class RunParts:
+    """Everything one process of ``main.py`` builds from its options."""
+
+    args: argparse.Namespace  # resolved: what the run really uses
+    decisions: Decisions
+    loaders: Loaders
+    optimization: Optimization
+    state: TrainingState
+    settings: LoopSettings
+    notes: list[str]
+
+
+def loop_settings(args: argparse.Namespace, topology: Topology, device: torch.device,
+                  decisions: Decisions) -> LoopSettings:
+    return LoopSettings(device=device, seed=args.seed, rank=topology.process_rank, print_freq=args.print_freq,
+                        fps_warmup_steps=args.fps_warmup_steps, clip_grad=args.clip_grad,
+                        zero_grad_to_none=not decisions.vendor_fused_sgd, progress=args.progress,
+                        show_progress=topology.is_main)
+
+
+def build_run(command: CommandLine, topology: Topology, device: torch.device, caps: Capabilities,
+              saved: dict[str, Any] | None) -> RunParts:
+    """Resolve the options (typed > the resumed checkpoint's > the recipe's) and build the run."""
+    resolution = resolve_options(command.args, command.explicit, topology.process_count,
+                                 saved.get("args") if saved else None)
+    args = resolution.args
+    args.seed = agree_on_seed(args.seed)
+    decisions = decide(args, caps, topology)
+    spec = models.model_spec(args.arch)
+    loaders = build_loaders(args, spec, topology, device, decisions, args.seed)
+    num_classes = num_classes_of(args, loaders.class_names)
+    built = build_model(args, spec, num_classes, device, decisions, topology,
+                        saved.get("model_options", {}) if saved else None)
+    optimization = build_optimization(args, built.model, caps, decisions)
+    identity = RunIdentity(spec.name, num_classes, loaders.class_names,
+                           args.image_size or spec.preprocess.input_size, built.options)
+    state = TrainingState(built.model, optimization.optimizer, optimization.precision, optimization.sgd,
+                          identity, args.seed, loaders.steps_per_epoch,
+                          {"world_size": topology.process_count, "batch_size": args.batch_size},
+                          epoch=args.start_epoch)
+    return RunParts(args, decisions, loaders, optimization, state, loop_settings(args, topology, device, decisions),
+                    [*decisions.notes, *resolution.notes])
+
+
+def log_start(parts: RunParts, topology: Topology, device: torch.device) -> None:
+    """What the run is: network, data, batch, learning rate, precision, seed, and choices made for the user."""
+    args, loaders, count = parts.args, parts.loaders, topology.process_count
+    log.info("network: %s, %d classes, %d training images, image size %s, device %s, %d process(es)",
+             args.arch, parts.state.identity.num_classes, loaders.train_images, args.image_size or "model default",
+             describe(device), count)
+    log.info("batch size %d per device x %d = %d global; lr %g (the %s recipe's unless set)", loaders.batch_size,
+             count, loaders.global_batch_size, args.lr,
+             "1-device" if count == 1 else f"{REFERENCE_WORLD_SIZE}-device")
+    if count not in (1, REFERENCE_WORLD_SIZE):
+        log.info("note: the linear scaling rule from the 1-device recipe suggests --lr %.4g for this global batch; "
+                 "it is not applied automatically", linear_scaling_hint(args.arch, count, args.batch_size))
+    log.info("precision: %s; seed %d", parts.optimization.precision.description, args.seed)
+    for note in parts.notes:
+        log.info("note: %s", note)

@@ -61,14 +61,13 @@ class TrainingState:
     layout: dict[str, int]  # world_size and batch_size (per device) of this run
     epoch: int = 0
     step: int = 0
-    best_acc1: float = 0.0
+    best_acc1: float | None = None  # None until an epoch has been validated
     is_best: bool = False
     epoch_sums: dict[str, Any] | None = None
 
     def finish_epoch(self, epoch: int, acc1: float) -> None:
-        # The first epoch is always the best so far: model_best.pth.tar exists after it.
-        self.is_best = acc1 > self.best_acc1 or epoch == 1
-        self.best_acc1 = max(acc1, self.best_acc1)
+        self.is_best = self.best_acc1 is None or acc1 > self.best_acc1
+        self.best_acc1 = acc1 if self.is_best else self.best_acc1
         self.epoch, self.step, self.epoch_sums = epoch, 0, None
 
     def state_dict(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +91,8 @@ class TrainingState:
         check_fits(saved, source, self.identity.arch, self.identity.num_classes)
         load_weights(self.model, extract_state_dict(saved, str(source)), strict_head=True)
         self.epoch, self.step = int(saved.get("epoch", 0)), int(saved.get("step", 0))
-        self.best_acc1 = float(saved.get("best_acc1", 0.0))
+        best = saved.get("best_acc1")
+        self.best_acc1 = float(best) if best is not None else None
         self.epoch_sums = saved.get("epoch_sums") if self.step else None
         if training:
             self._restore_optimization(saved, source)
@@ -100,7 +100,8 @@ class TrainingState:
         if start_epoch is not None:
             self.epoch, self.step, self.epoch_sums = start_epoch, 0, None
         where = f"epoch {self.epoch}" + (f", step {self.step} of {self.steps_per_epoch}" if self.step else "")
-        log.info("resumed from %s: %s, best Acc@1 %.3f", source, where, self.best_acc1)
+        best = f"{self.best_acc1:.3f}" if self.best_acc1 is not None else "none yet"
+        log.info("resumed from %s: %s, best Acc@1 %s", source, where, best)
 
     def _restore_optimization(self, saved: dict[str, Any], source: Path) -> None:
         if saved.get("optimizer") is None:

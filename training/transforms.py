@@ -181,7 +181,8 @@ def _decode_region(img: Image.Image, box: tuple[float, float, float, float], siz
     return Decoded(img, box)
 
 
-def _resize_decoded(decoded: Decoded, size: int, resample: Image.Resampling, reducing_gap: float | None) -> torch.Tensor:
+def _resize_decoded(decoded: Decoded, size: int, resample: Image.Resampling,
+                    reducing_gap: float | None) -> torch.Tensor:
     out = decoded.image.resize((size, size), resample, box=decoded.box, reducing_gap=reducing_gap)
     if out.mode != "RGB":
         out = out.convert("RGB")
