@@ -43,7 +43,9 @@ import models  # noqa: E402
 from bench import common  # noqa: E402
 from bench.reference_transforms import classic_train_transform  # noqa: E402
 from training import device as devices  # noqa: E402
-from training.data import TrainSampler, build_datasets, build_loader, collate_batch  # noqa: E402
+from training.data import (AugmentSettings, SampleKey, TrainSampler, build_datasets, build_loader,  # noqa: E402
+                           collate_batch)
+from training.mixing import build_mixer  # noqa: E402
 from training.dummy_data import default_cache_dir, make_imagefolder  # noqa: E402
 from training.prefetch import DeviceLoader  # noqa: E402
 
@@ -182,6 +184,56 @@ def measure_per_process(pipes: Pipelines, images: int, batch_size: int, rounds: 
     return result
 
 
+# What each augmentation option adds to a worker's work (and MixUp/CutMix to the device's).
+AUGMENTATIONS = {
+    "default": AugmentSettings(),
+    "--auto-augment ra": AugmentSettings(auto_augment="ra"),
+    "--auto-augment ta_wide": AugmentSettings(auto_augment="ta_wide"),
+    "--auto-augment augmix": AugmentSettings(auto_augment="augmix"),
+    "--auto-augment imagenet": AugmentSettings(auto_augment="imagenet"),
+    "--random-erase 0.25": AugmentSettings(random_erase=0.25),
+}
+
+
+def measure_augmentations(root: Path, arch: str, image_size: int, images: int, batch_size: int, rounds: int,
+                          device: torch.device) -> dict[str, Any]:
+    """Per process (1 thread, as a worker): images/s of our training pipeline with each
+    augmentation option, against the default, alternating; then MixUp/CutMix per device batch."""
+    preprocess = models.preprocess_config(arch)
+    datasets = {name: build_datasets(root, image_size, preprocess, augment=settings)[0]
+                for name, settings in AUGMENTATIONS.items()}
+    keys = [SampleKey(index % len(datasets["default"]), SEED + index) for index in range(images)]
+
+    def run(dataset) -> Callable[[], None]:
+        return lambda: [collate_batch([dataset[key] for key in keys[start:start + batch_size]])
+                        for start in range(0, len(keys), batch_size)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        timings: dict[str, list[float]] = {name: [] for name in datasets}
+        for dataset in datasets.values():
+            run(dataset)()  # warm-up
+        for round_index in range(rounds):
+            names = list(datasets)
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                timings[name].append(common.timed(run(datasets[name]), device))
+    finally:
+        torch.set_num_threads(threads)
+    base = common.median([images / s for s in timings["default"]])
+    result: dict[str, Any] = {name: {"images_per_second": common.median([images / s for s in seconds]),
+                                     "vs_default": common.median([images / s for s in seconds]) / base}
+                              for name, seconds in timings.items()}
+    batch = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    labels = torch.randint(10, (batch_size,), device=device)
+    for name, mix in (("--mixup 0.2 (device)", build_mixer(10, 0.2, 0.0)),
+                      ("--cutmix 1.0 (device)", build_mixer(10, 0.0, 1.0))):
+        seconds = common.median([common.timed(lambda: mix(batch, labels), device) for _ in range(max(rounds, 5))])
+        result[name] = {"ms_per_batch": 1000 * seconds}
+    return result
+
+
 def _forever(loader: Iterable) -> Iterator:
     while True:
         yield from loader
@@ -289,6 +341,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['ms_per_image']:.2f}", f"{r['images_per_second'] / per_process['baseline']['images_per_second']:.2f}x"]
          for name, r in per_process.items() if isinstance(r, dict)])
 
+    augmentations = measure_augmentations(root, args.arch, args.image_size, args.images, args.batch_size,
+                                          args.rounds, device)
+    common.print_table(
+        f"augmentation cost per worker (1 thread, {args.images} images x {args.rounds} rounds, "
+        f"batch {args.batch_size})",
+        ["option", "img/s", "vs default", "device ms/batch"],
+        [[name, f"{r['images_per_second']:.1f}" if "images_per_second" in r else "-",
+          f"{r['vs_default']:.2f}x" if "vs_default" in r else "-",
+          f"{r['ms_per_batch']:.2f}" if "ms_per_batch" in r else "-"] for name, r in augmentations.items()])
+
     loaders = []
     for workers in args.workers:
         result = measure_loader(pipes, workers, args.batch_size, args.loader_batches, args.loader_warmup,
@@ -306,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                "settings": {"arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
                             "images": args.images, "rounds": args.rounds, "workers": args.workers,
                             "loader_batches": args.loader_batches, "loader_warmup": args.loader_warmup},
-               "per_process": per_process, "loader": loaders,
+               "per_process": per_process, "augmentations": augmentations, "loader": loaders,
                "process_peak_rss_bytes": common.process_peak_rss(), "seconds": time.perf_counter() - started}
     return common.finish(args.json, payload, env["load_average_at_end"])
 

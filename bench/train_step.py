@@ -166,7 +166,7 @@ def build_ours(name: str, arch: str, image_size: int, batch_size: int, device: t
     def run_steps(steps: int) -> None:
         if steps not in loaders:
             loaders[steps] = synthetic(batch_size, image_size, steps, device, decisions.channels_last)
-        train_one_epoch(trained, loaders[steps], loss_fn, optimizer, schedule, precision,
+        train_one_epoch(trained.module, loaders[steps], loss_fn, optimizer, schedule, precision,
                         EpochPosition(epoch=0, steps=steps), settings)
 
     dtype = resolve_dtype(device.type, args.amp_dtype) if args.amp else torch.float32

@@ -92,6 +92,12 @@ def test_input_pipeline_tiny(tmp_path, data_dir):
     for name in ("baseline", "ours", "decode_only"):
         assert positive(per_process[name]["images_per_second"]) and positive(per_process[name]["ms_per_image"])
     assert positive(per_process["ratio"])
+    augmentations = report["augmentations"]
+    assert augmentations["default"]["vs_default"] == pytest.approx(1.0)
+    for name in ("--auto-augment ra", "--auto-augment ta_wide", "--auto-augment augmix", "--auto-augment imagenet",
+                 "--random-erase 0.25"):
+        assert positive(augmentations[name]["images_per_second"]) and positive(augmentations[name]["vs_default"])
+    assert positive(augmentations["--mixup 0.2 (device)"]["ms_per_batch"])
     assert [row["workers"] for row in report["loader"]] == [0, 1]
     for row in report["loader"]:
         assert positive(row["baseline"]["images_per_second"]) and positive(row["ours"]["images_per_second"])
@@ -112,3 +118,17 @@ def test_end_to_end_tiny(tmp_path, data_dir):
         assert (tmp_path / "runs" / f"{source}-0" / "metrics.jsonl").is_file()
     assert "--synthetic" in report["runs"]["synthetic"]["argv"] and "--data" in report["runs"]["jpeg"]["argv"]
     assert positive(report["ratio"])
+
+
+def test_accuracy_tiny(tmp_path, data_dir):
+    report = run_script("accuracy.py", "--arch", "xception", "--configs", "reference,ours,ours-ema", "--seeds", "0",
+                        "--epochs", "1", "--batch-size", "32", "--image-size", "16", "--workers", "0",
+                        "--data-dir", str(data_dir), "--runs-dir", str(tmp_path / "runs"),
+                        "--json", str(tmp_path / "accuracy.json"))
+    assert report["benchmark"] == "accuracy"
+    for name in ("reference", "ours", "ours-ema"):
+        [run] = report["results"][name]
+        assert 0 <= run["val_acc1"] <= 100 and len(run["history"]) == 1
+        assert report["summary"][name]["val_acc1"]["n"] == 1
+    assert "ema_val_acc1" in report["results"]["ours-ema"][0]
+    assert (tmp_path / "runs" / "xception-ours-0" / "metrics.jsonl").is_file()

@@ -44,7 +44,7 @@ def test_npu_row_is_what_torch_npu_accepts():
 
 def test_other_rows():
     cuda, cpu = CAPABILITIES["cuda"], CAPABILITIES["cpu"]
-    assert (cuda.dist_backend, cuda.sgd_kernel, cuda.pin_memory_device, cuda.side_stream_prefetch) == (
+    assert (cuda.dist_backend, cuda.optimizer_kernel, cuda.pin_memory_device, cuda.side_stream_prefetch) == (
         "nccl", "fused", "cuda", True)
     assert (cpu.dist_backend, cpu.channels_last, cpu.pin_memory_device, cpu.sync_batchnorm) == (
         "gloo", True, None, False)

@@ -22,10 +22,12 @@ from training.recipes import Recipe, recipe_for
 
 # The options that define the training; a resumed run takes them from the checkpoint unless typed.
 RESUMED_OPTIONS = (
-    "batch_size", "lr", "momentum", "nesterov", "weight_decay", "no_bn_weight_decay", "label_smoothing",
+    "recipe", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "no_bn_weight_decay", "label_smoothing",
     "warm_up_epochs", "lr_schedule", "lr_step_epochs", "lr_gamma", "epochs", "clip_grad", "max_steps",
     "aux_loss_weight", "image_size", "num_classes", "amp", "amp_dtype", "opt_level", "loss_scale", "seed",
-    "print_freq",
+    "print_freq", "opt", "opt_eps", "model_ema", "model_ema_decay", "model_ema_warmup", "accum_steps",
+    "drop_rate", "scale", "ratio", "hflip", "interpolation", "crop_pct", "auto_augment", "random_erase", "mixup",
+    "cutmix",
 )
 
 
@@ -42,9 +44,12 @@ class Resolution:
 
 
 def _take_from_checkpoint(args: argparse.Namespace, explicit: frozenset[str], saved: dict[str, Any]) -> set[str]:
+    # A recipe typed on the resume command line brings its own values for the recipe's fields.
+    new_recipe = "recipe" in explicit and saved.get("recipe", "modelzoo") != args.recipe
+    skipped = {item.name for item in fields(Recipe)} if new_recipe else set()
     taken = set()
     for name in RESUMED_OPTIONS:
-        if name not in explicit and name in saved:
+        if name not in explicit and name not in skipped and name in saved:
             setattr(args, name, saved[name])
             taken.add(name)
     return taken
@@ -95,7 +100,7 @@ def resolve_options(args: argparse.Namespace, explicit: frozenset[str], process_
     args = argparse.Namespace(**vars(args))
     saved = dict(saved_args or {})
     taken = _take_from_checkpoint(args, explicit, saved)
-    recipe = recipe_for(args.arch, process_count, dummy=args.dummy)
+    recipe = recipe_for(args.arch, process_count, dummy=args.dummy, name=args.recipe)
     warm_up_from_recipe = "warm_up_epochs" not in explicit and "warm_up_epochs" not in taken
     _fill_from_recipe(args, recipe)
     if args.start_epoch is None:

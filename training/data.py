@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from models.errors import UserError
 from training.seeding import AUGMENTATION, REPLACEMENT, SHUFFLE, derive_seed, seeded_torch
-from training.transforms import EvalTransform, TrainTransform
+from training.transforms import EvalTransform, TrainTransform, extra_augmentation
 
 if TYPE_CHECKING:
     from models.preprocess import PreprocessConfig
@@ -168,13 +168,39 @@ class ImageFolderDataset(Dataset):
                 f"images={len(self)}, transform={self.transform!r})")
 
 
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Training augmentation and evaluation crop; the defaults are the ModelZoo recipes'.
+
+    Attributes:
+        scale, ratio, hflip: RandomResizedCrop's area and aspect ranges, the flip probability.
+        interpolation: the resize filter (None: the model's).
+        crop_pct: evaluation centre crop fraction (None: the model's, 0.875).
+        auto_augment: ``ra``, ``ta_wide``, ``augmix`` or ``imagenet`` (torchvision v2), or None.
+        random_erase: RandomErasing probability.
+    """
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    interpolation: str | None = None
+    crop_pct: float | None = None
+    auto_augment: str | None = None
+    random_erase: float = 0.0
+
+
 def build_datasets(data_root: str | os.PathLike, image_size: int, preprocess: PreprocessConfig,
-                   strict: bool = False) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+                   strict: bool = False,
+                   augment: AugmentSettings | None = None) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """Train and val datasets under ``data_root`` with the model's crop, resize and filter."""
+    augment = augment or AugmentSettings()
+    interpolation = augment.interpolation or preprocess.interpolation
+    eval_resize = round(image_size / augment.crop_pct) if augment.crop_pct else preprocess.eval_resize(image_size)
     train_dir, val_dir = find_split_dirs(data_root)
-    train = ImageFolderDataset(train_dir, TrainTransform(image_size, preprocess.interpolation), strict)
-    val = ImageFolderDataset(
-        val_dir, EvalTransform(image_size, preprocess.eval_resize(image_size), preprocess.interpolation), strict)
+    train_transform = TrainTransform(image_size, interpolation, augment.scale, augment.ratio, augment.hflip,
+                                     extra=extra_augmentation(augment.auto_augment, augment.random_erase))
+    train = ImageFolderDataset(train_dir, train_transform, strict)
+    val = ImageFolderDataset(val_dir, EvalTransform(image_size, eval_resize, interpolation), strict)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))

@@ -55,7 +55,7 @@ class Capabilities:
         dist_backend: the process-group backend for it.
         channels_last: models and batches may use channels-last memory.
         collective_dtypes: dtypes its collectives accept (None: any).
-        sgd_kernel: ``fused``, ``foreach``, or ``auto`` (torch decides).
+        optimizer_kernel: ``fused``, ``foreach``, or ``auto`` (torch decides).
         vendor_fused_sgd: the vendor's fused SGD (``torch_npu.optim.NpuFusedSGD``) exists.
         compile_backend: the ``torch.compile`` backend, or None when ``--compile`` is refused.
         compile_refusal: why ``--compile`` is refused, when it is.
@@ -69,7 +69,7 @@ class Capabilities:
     dist_backend: str
     channels_last: bool
     collective_dtypes: frozenset | None
-    sgd_kernel: str
+    optimizer_kernel: str
     vendor_fused_sgd: bool
     compile_backend: str | None
     compile_refusal: str
@@ -82,19 +82,19 @@ class Capabilities:
 CAPABILITIES = {
     # torch_npu rejects channels-last tensors in `to`/`contiguous` ("Only contiguous_format or
     # preserve_format is supported"). Its compile backend depends on the install (npu_capabilities).
-    "npu": Capabilities("npu", "hccl", channels_last=False, collective_dtypes=HCCL_DTYPES, sgd_kernel="auto",
+    "npu": Capabilities("npu", "hccl", channels_last=False, collective_dtypes=HCCL_DTYPES, optimizer_kernel="auto",
                         vendor_fused_sgd=True, compile_backend=None, compile_refusal="decided at run time",
                         pin_memory_device="npu", side_stream_prefetch=False, sync_batchnorm=True,
                         default_amp_dtype=torch.float16),
-    "cuda": Capabilities("cuda", "nccl", channels_last=True, collective_dtypes=None, sgd_kernel="fused",
+    "cuda": Capabilities("cuda", "nccl", channels_last=True, collective_dtypes=None, optimizer_kernel="fused",
                          vendor_fused_sgd=False, compile_backend="inductor", compile_refusal="",
                          pin_memory_device="cuda", side_stream_prefetch=True, sync_batchnorm=True,
                          default_amp_dtype=torch.float16),
-    "mps": Capabilities("mps", "gloo", channels_last=True, collective_dtypes=None, sgd_kernel="auto",
+    "mps": Capabilities("mps", "gloo", channels_last=True, collective_dtypes=None, optimizer_kernel="auto",
                         vendor_fused_sgd=False, compile_backend="inductor", compile_refusal="",
                         pin_memory_device=None, side_stream_prefetch=False, sync_batchnorm=False,
                         default_amp_dtype=torch.bfloat16),
-    "cpu": Capabilities("cpu", "gloo", channels_last=True, collective_dtypes=None, sgd_kernel="foreach",
+    "cpu": Capabilities("cpu", "gloo", channels_last=True, collective_dtypes=None, optimizer_kernel="foreach",
                         vendor_fused_sgd=False, compile_backend="inductor", compile_refusal="",
                         pin_memory_device=None, side_stream_prefetch=False, sync_batchnorm=False,
                         default_amp_dtype=torch.bfloat16),

@@ -2,25 +2,29 @@
 
 Both take explicit objects (model, batches, loss, optimizer, schedule, precision...) and
 return a dict of metrics; neither reads the command line. The step has one path: seed,
-learning rate, forward under autocast, loss, backward, optional unscale + clip, step.
-A ``StepControl`` (the run's) is asked after every step whether to stop (preemption) and
-may write a mid-epoch checkpoint meanwhile.
+learning rate, then for each of its ``accum_steps`` batches: mix, forward under autocast,
+loss, backward (without a gradient all-reduce but for the last); then optional unscale +
+clip, optimizer step, weight averaging. A ``StepControl`` (the run's) is asked after every
+step whether to stop (preemption) and may write a mid-epoch checkpoint meanwhile.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterable, Protocol
 
 import torch
 from torch import nn
 
 from models.errors import UserError
 from training.distributed import sum_across_ranks
+from training.averaging import NoAverage
 from training.metrics import (Progress, RunningSums, StepClock, Throughput, accuracy_summary, epoch_line,
                               eval_line, fps_summary, train_line)
+from training.mixing import keep_batch
 from training.precision import Precision
 from training.schedule import LrSchedule
 from training.seeding import seed_step
@@ -68,6 +72,26 @@ class LoopSettings:
     zero_grad_to_none: bool = True  # torch_npu's fused SGD needs gradients kept (False)
     progress: str = "auto"
     show_progress: bool = True
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """What an optimizer step adds to forward, backward and update; each defaults to nothing.
+
+    Attributes:
+        accum_steps: batches whose gradients are summed per optimizer step.
+        no_sync: context in which a backward skips the gradient all-reduce (DDP's
+            ``no_sync``); used for every batch of a step but the last.
+        mix: ``(images, labels) -> (images, loss targets)``: MixUp/CutMix, or none.
+        average: the weight average (``ModelEma``) updated after each optimizer step.
+        averaged_model: the bare model the average follows.
+    """
+
+    accum_steps: int = 1
+    no_sync: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+    mix: Callable = keep_batch
+    average: Any = field(default_factory=NoAverage)
+    averaged_model: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -138,13 +162,16 @@ def _warn_skipped_steps(skipped: int, steps: int, epoch: int, precision: Precisi
 def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable, optimizer: torch.optim.Optimizer,
                     schedule: LrSchedule, precision: Precision, position: EpochPosition, settings: LoopSettings,
                     sums: RunningSums | None = None, control: StepControl | None = None,
-                    report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train the steps of ``position`` left to do; returns the epoch's metrics.
+                    report: Callable[[dict[str, Any]], None] | None = None,
+                    parts: StepParts | None = None) -> dict[str, Any]:
+    """Train the optimizer steps of ``position`` left to do; returns the epoch's metrics.
 
     Args:
         sums: the epoch's running sums so far (a resumed epoch), else new ones.
         report: receives one record per printed step (metrics.jsonl's ``step`` records).
+        parts: accumulation, batch mixing and weight averaging (none by default).
     """
+    parts = parts or StepParts()
     model.train()
     epoch, steps = position.epoch, position.steps
     sums = sums if sums is not None else RunningSums(settings.device)
@@ -154,37 +181,34 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable, optimizer:
     replaced: list[str] = []
     unchecked: list[torch.Tensor] = []
     first_unchecked, step, interrupted = position.start_step, position.start_step - 1, False
+    batches = iter(_batches(loader, (steps - position.start_step) * parts.accum_steps))
     started = time.perf_counter()
     throughput.begin()
-    for offset, (waited, (images, target, replaced_paths)) in enumerate(
-            _batches(loader, steps - position.start_step)):
+    for offset in range(steps - position.start_step):
         step = position.start_step + offset
-        clock.data_ready(waited)
-        _note_replaced(replaced_paths, replaced)
         seed_step(settings.seed, epoch, step, settings.rank)
         lr = schedule.apply(optimizer, epoch, step, steps)
-        with precision.autocast():
-            loss, logits = loss_fn(model(images), target)
         optimizer.zero_grad(set_to_none=settings.zero_grad_to_none)
-        precision.backward(loss, optimizer)
+        done = _accumulate(model, batches, loss_fn, optimizer, precision, parts, sums, clock, replaced, unchecked)
+        if done is None:  # the loader ran out of batches before this step
+            step -= 1
+            break
         if settings.clip_grad:
             precision.unscale(optimizer)
             nn.utils.clip_grad_norm_(precision.clip_parameters(model, optimizer), settings.clip_grad)
         precision.step(optimizer)
-        sums.add(loss, logits, target)
-        throughput.step_done(offset, images.shape[0])
-        if not precision.skips_nonfinite_steps:
-            unchecked.append(loss.detach())
+        parts.average.update(parts.averaged_model)
+        throughput.step_done(offset, done)
         if (step + 1) % settings.print_freq == 0 or step + 1 == steps:
             _check_finite(unchecked, first_unchecked, epoch)
             unchecked, first_unchecked = [], step + 1
             step_time, data_time = clock.read()
             running = sums.read()
-            progress.line(train_line(epoch, step + 1, steps, step_time, data_time, running, images.shape[0], lr))
+            progress.line(train_line(epoch, step + 1, steps, step_time, data_time, running, done, lr))
             if report is not None:
                 report({"mode": "step", "epoch": epoch, "step": step + 1, "steps": steps,
                         "global_step": epoch * steps + step + 1, "loss": running["loss"], "lr": lr,
-                        "images_per_second": images.shape[0] / step_time if step_time > 0 else 0.0})
+                        "images_per_second": done / step_time if step_time > 0 else 0.0})
         if control is not None and control.after_step(position, step + 1, sums):
             interrupted = True
             break
@@ -206,13 +230,39 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable, optimizer:
             "fps_per_device": fps_local, "epoch_time": elapsed, "lr": optimizer.param_groups[0]["lr"]}
 
 
+def _accumulate(model: nn.Module, batches: Any, loss_fn: Callable, optimizer: torch.optim.Optimizer,
+                precision: Precision, parts: StepParts, sums: RunningSums, clock: StepClock,
+                replaced: list[str], unchecked: list[torch.Tensor]) -> int | None:
+    """Forward and backward the batches of one optimizer step; the images they held (None: no batch left)."""
+    images_done = 0
+    for index in range(parts.accum_steps):
+        try:
+            waited, (images, target, replaced_paths) = next(batches)
+        except StopIteration:
+            return images_done or None
+        clock.data_ready(waited)
+        _note_replaced(replaced_paths, replaced)
+        mixed, loss_target = parts.mix(images, target)
+        last = index + 1 == parts.accum_steps
+        with contextlib.nullcontext() if last else parts.no_sync():
+            with precision.autocast():
+                loss, logits = loss_fn(model(mixed), loss_target)
+            precision.backward(loss / parts.accum_steps if parts.accum_steps > 1 else loss, optimizer)
+        sums.add(loss, logits, target)
+        if not precision.skips_nonfinite_steps:
+            unchecked.append(loss.detach())
+        images_done += images.shape[0]
+    return images_done
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Any, criterion: Callable, precision: Precision,
-             settings: LoopSettings) -> dict[str, Any]:
+             settings: LoopSettings, averaged: bool = False) -> dict[str, Any]:
     """Validate on every image of ``loader`` once (each rank its own shard); job-wide metrics.
 
     ``model`` must be the bare model, not the DDP wrapper: ranks may hold different
-    numbers of batches, and DDP's forward would wait for the others.
+    numbers of batches, and DDP's forward would wait for the others. ``averaged``: the
+    weights are the EMA's (its summary line says so, and the ModelZoo parser skips it).
     """
     model.eval()
     started = time.perf_counter()
@@ -231,7 +281,7 @@ def evaluate(model: nn.Module, loader: Any, criterion: Callable, precision: Prec
             progress.line(eval_line(step + 1, steps, clock.read()[0], sums.read()))
     progress.close()
     totals = sums.read(across_ranks=True)
-    log.info(accuracy_summary(totals["acc1"], totals["acc5"]))
+    log.info(accuracy_summary(totals["acc1"], totals["acc5"], "EMA" if averaged else ""))
     return {"val_loss": totals["loss"], "val_acc1": totals["acc1"], "val_acc5": totals["acc5"],
             "val_images": totals["count"], "val_replaced_images": _count_across_ranks(len(replaced), settings),
             "val_time": time.perf_counter() - started}

@@ -185,9 +185,13 @@ def eval_line(step: int, steps: int, step_time: float, sums: dict[str, float]) -
             f"Acc@1 {sums['acc1']:7.3f}  Acc@5 {sums['acc5']:7.3f}")
 
 
-def accuracy_summary(acc1: float, acc5: float) -> str:
-    """ModelZoo's accuracy line: `grep '* Acc@1'` then the field after the last "Acc@1"."""
-    return f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}"
+def accuracy_summary(acc1: float, acc5: float, weights: str = "") -> str:
+    """ModelZoo's accuracy line: `grep '* Acc@1'` then the field after the last "Acc@1".
+
+    The averaged weights' line (``weights="EMA"``) reads `` * EMA Acc@1 ...``, which that grep
+    leaves out: the ModelZoo parsers keep reporting the raw model.
+    """
+    return f" * {weights + ' ' if weights else ''}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}"
 
 
 def fps_summary(device: torch.device, fps: float) -> str:
@@ -220,6 +224,10 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _POSITION_KEYS:
                     self._board.add_scalar(f"{record.get('mode', 'train')}/{key}", value, step)
             self._board.flush()
+
+    def records(self) -> list[dict[str, Any]]:
+        """Everything in ``metrics.jsonl`` so far (a resumed run's earlier records too)."""
+        return read_metrics(self.path) if self.enabled and self.path.is_file() else []
 
     def close(self) -> None:
         if self._board is not None:

@@ -1,8 +1,9 @@
-"""The optimizer: SGD with momentum, optionally without weight decay on BatchNorm and biases.
+"""The optimizer: SGD (the recipes'), RMSProp or AdamW, torch's own, optionally without weight
+decay on BatchNorm and biases.
 
-The kernel follows the device's capability row: torch's fused SGD where the device has
-it, the multi-tensor (foreach) one elsewhere, or torch_npu's ``NpuFusedSGD`` on an NPU
-when asked (``--npu-fused-sgd``).
+The kernel follows the device's capability row: torch's fused kernel where the device has
+one (SGD and AdamW on CUDA), the multi-tensor (foreach) one elsewhere, or torch_npu's
+``NpuFusedSGD`` on an NPU when asked (``--npu-fused-sgd``).
 """
 from __future__ import annotations
 
@@ -15,14 +16,20 @@ from models.errors import UserError
 from training import device as devices
 from training.device import Capabilities
 
+OPTIMIZERS = ("sgd", "rmsprop", "adamw")
+RMSPROP_DECAY = 0.9  # the Inception v3 paper's "RMSProp with decay 0.9" (torch's alpha)
+_FUSED = ("sgd", "adamw")  # optimizers torch has a fused kernel for
+
 
 @dataclass(frozen=True)
-class SgdSettings:
+class OptimizerSettings:
+    kind: str  # sgd, rmsprop or adamw
     lr: float
     momentum: float
     weight_decay: float
     nesterov: bool = False
     decay_norm_and_bias: bool = True
+    eps: float | None = None  # None: torch's default for the optimizer
 
     @property
     def uses_nesterov(self) -> bool:
@@ -40,26 +47,49 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, caps: Capabilities, settings: SgdSettings,
+def _kernel(kind: str, caps: Capabilities) -> dict[str, bool]:
+    if caps.optimizer_kernel == "fused" and kind in _FUSED:
+        return {"fused": True}
+    if caps.optimizer_kernel in ("fused", "foreach"):
+        return {"foreach": True}
+    return {}
+
+
+def _eps(settings: OptimizerSettings) -> dict[str, float]:
+    return {"eps": settings.eps} if settings.eps is not None else {}
+
+
+def build_optimizer(model: nn.Module, caps: Capabilities, settings: OptimizerSettings,
                     vendor_fused: bool = False) -> torch.optim.Optimizer:
     groups = parameter_groups(model, settings.weight_decay, settings.decay_norm_and_bias)
-    common = dict(lr=settings.lr, momentum=settings.momentum, nesterov=settings.uses_nesterov)
     if vendor_fused:
-        if not caps.vendor_fused_sgd:
-            raise UserError(f"--npu-fused-sgd needs an NPU; this run is on {caps.device_type}")
-        return devices.vendor_fused_sgd()(groups, **common)
-    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}}.get(caps.sgd_kernel, {})
-    return torch.optim.SGD(groups, **common, **kernel)
+        if not (caps.vendor_fused_sgd and settings.kind == "sgd"):
+            raise UserError(f"--npu-fused-sgd needs SGD on an NPU; this run is {settings.kind} on {caps.device_type}")
+        return devices.vendor_fused_sgd()(groups, lr=settings.lr, momentum=settings.momentum,
+                                          nesterov=settings.uses_nesterov)
+    kernel = _kernel(settings.kind, caps)
+    if settings.kind == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=settings.lr, alpha=RMSPROP_DECAY, momentum=settings.momentum,
+                                   **_eps(settings), **kernel)
+    if settings.kind == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr, **_eps(settings), **kernel)
+    return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.uses_nesterov,
+                           **kernel)
 
 
-def apply_settings(optimizer: torch.optim.Optimizer, settings: SgdSettings) -> None:
-    """Put this run's momentum, Nesterov and weight decay into the parameter groups.
+def apply_settings(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> None:
+    """Put this run's weight decay (and momentum, Nesterov, epsilon where the optimizer has them)
+    into the parameter groups.
 
     ``load_state_dict`` restores the saved groups' values; a resumed run uses the options
     it was given (``training.config``), so they are written back afterwards.
     """
     for index, group in enumerate(optimizer.param_groups):
-        group["momentum"] = settings.momentum
-        group["nesterov"] = settings.uses_nesterov
         no_decay_group = not settings.decay_norm_and_bias and index == 1
         group["weight_decay"] = 0.0 if no_decay_group else settings.weight_decay
+        if "momentum" in group:
+            group["momentum"] = settings.momentum
+        if "nesterov" in group:
+            group["nesterov"] = settings.uses_nesterov
+        if "eps" in group and settings.eps is not None:
+            group["eps"] = settings.eps

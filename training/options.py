@@ -11,12 +11,14 @@ those win over the checkpoint's values (see ``training.config``).
 from __future__ import annotations
 
 import argparse
+import math
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import models
-from training.device import DEVICE_CHOICES, DEVICE_ALIASES, canonical_type
+from training.device import DEVICE_ALIASES, DEVICE_CHOICES, canonical_type
+from training.recipes import RECIPES
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +41,22 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _checked_number(convert, accepts, requirement: str, name: str):
+    """An argparse ``type`` that converts with ``convert`` and rejects values outside a range."""
+    def parse(text: str):
+        value = convert(text)
+        if not math.isfinite(value) or not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    parse.__name__ = name  # argparse names it in "invalid <name> value"
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+_positive_int = _checked_number(int, lambda v: v > 0, "a positive integer", "int")
+_non_negative_float = _checked_number(float, lambda v: v >= 0, ">= 0", "float")
+_probability = _checked_number(float, lambda v: 0.0 <= v <= 1.0, "between 0 and 1", "float")
+_fraction = _checked_number(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]", "float")
+_positive_float = _checked_number(float, lambda v: v > 0, "positive", "float")
 
 
 def _loss_scale(text: str) -> str:
@@ -244,6 +250,54 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                        help="progress bar on a terminal, plain log lines otherwise")
 
 
+def _add_improvement_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "recipe, optimizer, averaging and augmentation (ours: the ModelZoo recipes leave them at these defaults)")
+    group.add_argument("--recipe", choices=RECIPES, default="modelzoo",
+                       help="the ModelZoo scripts' values, or the papers' (RMSProp/SGD, lr 0.045 x 0.94 every 2 "
+                            "epochs, averaged weights; every value is printed at start)")
+    group.add_argument("--opt", choices=("sgd", "rmsprop", "adamw"), default=None,
+                       help="optimizer, torch's own (recipe: sgd; paper: rmsprop for inception_v3)")
+    group.add_argument("--opt-eps", type=_positive_float, default=None, metavar="EPS",
+                       help="optimizer epsilon (rmsprop, adamw; default: the recipe's, else torch's)")
+    group.add_argument("--model-ema", dest="model_ema", action="store_true", default=None,
+                       help="keep an exponential moving average of the weights (torch's AveragedModel, "
+                            "BatchNorm buffers included), validated every epoch (recipe: off; paper: on)")
+    group.add_argument("--no-model-ema", dest="model_ema", action="store_false", default=None,
+                       help="no weight averaging, even with --recipe paper")
+    group.add_argument("--model-ema-decay", type=_fraction, default=None, metavar="D",
+                       help="EMA decay per optimizer step (default 0.9998)")
+    group.add_argument("--model-ema-warmup", action="store_true",
+                       help="ramp the EMA decay up: min(D, (1 + t) / (10 + t)) after t updates")
+    group.add_argument("--no-ema", dest="eval_ema", action="store_false",
+                       help="-e: evaluate the raw weights even when the checkpoint holds averaged (EMA) ones")
+    group.add_argument("--accum-steps", type=_positive_int, default=1, metavar="N",
+                       help="accumulate the gradients of N batches per optimizer step (the global batch is "
+                            "N times larger; the learning rate follows optimizer steps)")
+    group.add_argument("--drop-rate", type=_probability, default=None, metavar="P",
+                       help="dropout before the classifier (default: the model's, 0.5 inception_v3, 0 xception; "
+                            "paper: 0.5 xception)")
+    group.add_argument("--scale", type=_fraction, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
+                       help="RandomResizedCrop area range")
+    group.add_argument("--ratio", type=_positive_float, nargs=2, default=[3 / 4, 4 / 3], metavar=("MIN", "MAX"),
+                       help="RandomResizedCrop aspect-ratio range")
+    group.add_argument("--hflip", type=_probability, default=0.5, metavar="P", help="horizontal flip probability")
+    group.add_argument("--interpolation", choices=("bilinear", "bicubic", "lanczos", "nearest"), default=None,
+                       help="resize filter (default: the model's, bilinear)")
+    group.add_argument("--crop-pct", type=_fraction, default=None, metavar="F",
+                       help="evaluation centre crop: resize the short side to size / F first "
+                            "(default 0.875: 342 for 299)")
+    group.add_argument("--auto-augment", choices=("ra", "ta_wide", "augmix", "imagenet"), default=None,
+                       help="torchvision v2 policy in the loader workers: RandAugment, TrivialAugmentWide, AugMix, "
+                            "AutoAugment(ImageNet)")
+    group.add_argument("--random-erase", type=_probability, default=0.0, metavar="P",
+                       help="RandomErasing probability (torchvision v2, in the workers)")
+    group.add_argument("--mixup", type=_non_negative_float, default=0.0, metavar="ALPHA",
+                       help="MixUp on the device batch with Beta(ALPHA, ALPHA) (0: off; soft-target loss)")
+    group.add_argument("--cutmix", type=_non_negative_float, default=0.0, metavar="ALPHA",
+                       help="CutMix on the device batch (0: off; with --mixup, one of the two per batch)")
+
+
 def _add_ignored_upstream_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("accepted for ModelZoo command lines, ignored with a warning")
     for dest, flags in IGNORED_UPSTREAM.items():
@@ -264,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  torchrun --nproc_per_node 8 main.py -a inception_v3 --data /data/imagenet --amp\n"
                "  python main.py -a inception_v3 --data /data/imagenet -e --resume output/model_best.pth.tar")
     for add in (_add_data_options, _add_model_options, _add_optimisation_options, _add_precision_options,
-                _add_device_options, _add_distributed_options, _add_run_options, _add_ignored_upstream_options):
+                _add_device_options, _add_distributed_options, _add_run_options, _add_improvement_options,
+                _add_ignored_upstream_options):
         add(parser)
     return parser
 
@@ -340,6 +395,9 @@ def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--world-size (nodes) must be positive, or -1 for one node; got {args.nodes}")
     if args.node_rank < -1 or (args.nodes > 0 and args.node_rank >= args.nodes):
         parser.error(f"--rank (this node) must be in 0..{max(args.nodes, 1) - 1}, got {args.node_rank}")
+    for name, (low, high) in (("--scale", args.scale), ("--ratio", args.ratio)):
+        if low > high:
+            parser.error(f"{name} MIN MAX: MIN must not exceed MAX, got {low:g} {high:g}")
     minimum = models.model_spec(args.arch).min_input_size
     if args.image_size is not None and args.image_size < minimum:
         parser.error(f"--image-size {args.image_size} is below {args.arch}'s minimum input size {minimum}")

@@ -18,12 +18,15 @@ import torch
 from torch import nn
 
 from models.errors import UserError
+from models.loading import EMA_KEY
+from models.weights import load_weights
 from training import checkpoint as checkpoints
 from training import device as devices
 from training import distributed
 from training.config import divide_per_node
 from training.distributed import DistributedError, NodeLayout, Topology
 from training.engine import EpochPosition, TrainingLoss, check_weights_before_saving, evaluate, train_one_epoch
+from training.curves import CurvesWriter
 from training.metrics import MetricsWriter, RunningSums, setup_logging
 from training.options import CommandLine, parse_command_line, warn_ignored_options
 from training.preemption import PREEMPTED_EXIT_CODE, Preempted, RunControl, StopSignals
@@ -128,11 +131,14 @@ class Run:
             explicit_start = parts.args.start_epoch if "start_epoch" in self.command.explicit else None
             parts.state.restore(saved, resumed, training=not parts.args.evaluate, start_epoch=explicit_start)
         writer = MetricsWriter(self.output_dir, enabled=self.topology.is_main)
+        self.curves = CurvesWriter(self.output_dir, enabled=self.topology.is_main)
         try:
             if parts.args.evaluate:
+                averaged = use_averaged_weights(parts.state.model, saved, parts.args.eval_ema)
                 metrics = evaluate(parts.state.model, parts.loaders.val, nn.CrossEntropyLoss(),
-                                   parts.state.precision, parts.settings)
-                writer.write({"mode": "evaluate", "epoch": parts.state.epoch, "arch": parts.args.arch, **metrics})
+                                   parts.state.precision, parts.settings, averaged=averaged)
+                writer.write({"mode": "evaluate", "epoch": parts.state.epoch, "arch": parts.args.arch,
+                              "weights": "ema" if averaged else "model", **metrics})
             else:
                 write_args(parts.args, self.output_dir, self.topology)
                 self._train(parts, writer)
@@ -142,26 +148,31 @@ class Run:
     def _train(self, parts: RunParts, writer: MetricsWriter) -> None:
         args, state, loaders, optimization = parts.args, parts.state, parts.loaders, parts.optimization
         trained = wrap_for_training(optimization.model, self.topology, self.device, parts.decisions.compile_backend)
+        step_parts = parts.step_parts(trained)
         loss_fn = TrainingLoss(args.label_smoothing, args.aux_loss_weight)
         control = RunControl(self.signals, lambda *at: self._save_mid_epoch(state, *at), args.save_every,
                              args.save_every_steps, self.topology.is_main)
         for epoch in range(state.epoch, args.epochs):
             position = EpochPosition(epoch, loaders.steps_per_epoch, state.step if epoch == state.epoch else 0)
             loaders.train.set_epoch(epoch)
-            loaders.train.skip(position.start_step * loaders.batch_size)
+            loaders.train.skip(position.start_step * loaders.samples_per_step)
             sums = RunningSums(self.device)
             if state.epoch_sums and self.topology.is_main:
                 sums.load_state_dict(state.epoch_sums)  # the job's sums of the steps done before the resume
-            record = train_one_epoch(trained, loaders.train, loss_fn, optimization.optimizer, optimization.schedule,
-                                     state.precision, position, parts.settings, sums, control, writer.write)
+            record = train_one_epoch(trained.module, loaders.train, loss_fn, optimization.optimizer,
+                                     optimization.schedule, state.precision, position, parts.settings, sums, control,
+                                     writer.write, step_parts)
             if record.pop("interrupted"):
                 raise Preempted()
-            distributed.broadcast_buffers(state.model)  # validate (and save) rank 0's BatchNorm statistics
-            record.update(evaluate(state.model, loaders.val, nn.CrossEntropyLoss(), state.precision, parts.settings))
+            record.update(validate(state, loaders, parts.settings))
             check_weights_before_saving(state.model, record["val_loss"], epoch)
-            state.finish_epoch(epoch + 1, record["val_acc1"])
+            state.finish_epoch(epoch + 1, *best_of(record))
             self._save(state, best=state.is_best)
-            writer.write(self._epoch_record(state, loaders, record))
+            if state.is_best:
+                log.info("best Acc@1 %.3f so far, of the %s weights: %s", state.best_acc1,
+                         "averaged (EMA)" if state.best_weights == "ema" else "raw", checkpoints.BEST_NAME)
+            writer.write(epoch_record(args, self.topology, state, loaders, record))
+            self.curves.update(writer.records())
             control.epoch_saved()
             if control.stop_requested():
                 raise Preempted()
@@ -181,11 +192,48 @@ class Run:
         if best:
             checkpoints.save_checkpoint(payload, self.output_dir / checkpoints.BEST_NAME)
 
-    def _epoch_record(self, state: TrainingState, loaders: Loaders, record: dict[str, Any]) -> dict[str, Any]:
-        return {"mode": "train", "epoch": state.epoch, "epochs": self.args.epochs, "arch": self.args.arch,
-                "world_size": self.topology.process_count, "batch_size": loaders.batch_size,
-                "global_batch_size": loaders.global_batch_size, **record, "best_acc1": state.best_acc1,
-                "is_best": state.is_best}
+
+
+def epoch_record(args: Any, topology: Topology, state: TrainingState, loaders: Loaders,
+                 record: dict[str, Any]) -> dict[str, Any]:
+    """The epoch's ``metrics.jsonl`` record."""
+    return {"mode": "train", "epoch": state.epoch, "epochs": args.epochs, "arch": args.arch,
+            "world_size": topology.process_count, "batch_size": loaders.batch_size,
+            "global_batch_size": loaders.global_batch_size, "accum_steps": loaders.accum_steps, **record,
+            "best_acc1": state.best_acc1, "best_weights": state.best_weights, "is_best": state.is_best}
+
+
+def validate(state: TrainingState, loaders: Loaders, settings: Any) -> dict[str, Any]:
+    """The job's validation metrics of the model, and of its average (``ema_`` keys) when kept.
+
+    Every rank first takes rank 0's BatchNorm statistics (and rank 0's averaged ones), so the
+    figures are those of the weights rank 0 saves.
+    """
+    criterion = nn.CrossEntropyLoss()
+    distributed.broadcast_buffers(state.model)
+    record = evaluate(state.model, loaders.val, criterion, state.precision, settings)
+    if state.average.module is not None:
+        distributed.broadcast_buffers(state.average.module)
+        averaged = evaluate(state.average.module, loaders.val, criterion, state.precision, settings, averaged=True)
+        record.update({f"ema_{key}": value for key, value in averaged.items()})
+    return record
+
+
+def best_of(record: dict[str, Any]) -> tuple[float, str]:
+    """The better validation Acc@1 of the epoch, and whose it is ("model" or "ema")."""
+    if "ema_val_acc1" in record and record["ema_val_acc1"] > record["val_acc1"]:
+        return record["ema_val_acc1"], "ema"
+    return record["val_acc1"], "model"
+
+
+def use_averaged_weights(model: nn.Module, saved: dict[str, Any] | None, wanted: bool) -> bool:
+    """``-e``: put the checkpoint's averaged (EMA) weights into ``model`` when it has them and they
+    are wanted (not ``--no-ema``); whether it did."""
+    if not (wanted and saved and saved.get(EMA_KEY) is not None):
+        return False
+    load_weights(model, saved[EMA_KEY], strict_head=True)
+    log.info("evaluating the checkpoint's averaged (EMA) weights; --no-ema evaluates the raw ones")
+    return True
 
 
 def write_args(args: Any, output_dir: Path, topology: Topology) -> None:

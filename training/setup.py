@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -24,18 +25,21 @@ from models.errors import UserError
 from models.pretrained import published_weights_file
 from models.registry import ModelSpec
 from training import distributed
-from training.data import DatasetError, EvalShardSampler, TrainSampler, build_datasets, build_loader, default_workers
+from training.data import (AugmentSettings, DatasetError, EvalShardSampler, TrainSampler, build_datasets,
+                           build_loader, default_workers)
 from training.device import Capabilities, pin_memory_options
 from training.distributed import Topology
 from training.dummy_data import ensure_dummy_imagefolder
-from training.optim import SgdSettings, build_optimizer
+from training.averaging import ModelEma, NoAverage
+from training.mixing import build_mixer
+from training.optim import OptimizerSettings, build_optimizer
 from training.config import resolve_options
 from training.device import describe
-from training.engine import LoopSettings
+from training.engine import LoopSettings, StepParts
 from training.options import PUBLISHED, CommandLine
 from training.precision import Precision, build_precision, initialize_apex
 from training.prefetch import DeviceLoader
-from training.recipes import REFERENCE_WORLD_SIZE, linear_scaling_hint
+from training.recipes import REFERENCE_WORLD_SIZE, Recipe, linear_scaling_hint
 from training.schedule import LrSchedule
 from training.state import RunIdentity, TrainingState
 from training.seeding import draw_run_seed
@@ -95,9 +99,15 @@ class Loaders:
     val: DeviceLoader | SyntheticBatches
     class_names: list[str]
     train_images: int
-    steps_per_epoch: int  # the full epoch's steps, capped by --max-steps
-    batch_size: int  # per device
-    global_batch_size: int  # all devices' together
+    steps_per_epoch: int  # the full epoch's optimizer steps, capped by --max-steps
+    batch_size: int  # per device and batch
+    global_batch_size: int  # all devices' batches together
+    accum_steps: int = 1  # batches per optimizer step
+
+    @property
+    def samples_per_step(self) -> int:
+        """Images one device reads per optimizer step."""
+        return self.batch_size * self.accum_steps
 
 
 def _data_root(args: argparse.Namespace, topology: Topology) -> Path:
@@ -119,8 +129,9 @@ def _synthetic_loaders(args: argparse.Namespace, image_size: int, device: torch.
                 channels_last=decisions.channels_last, seed=seed)
     train = SyntheticBatches(steps=steps, **make)
     names = [f"class_{index}" for index in range(num_classes)]
-    return Loaders(train, SyntheticBatches(steps=SYNTHETIC_VAL_STEPS, **make), names, train.num_images, steps,
-                   args.batch_size, args.batch_size * count)
+    val = SyntheticBatches(steps=SYNTHETIC_VAL_STEPS, **make)
+    return Loaders(train, val, names, train.num_images, max(1, steps // args.accum_steps), args.batch_size,
+                   args.batch_size * count, args.accum_steps)
 
 
 def build_loaders(args: argparse.Namespace, spec: ModelSpec, topology: Topology, device: torch.device,
@@ -130,11 +141,12 @@ def build_loaders(args: argparse.Namespace, spec: ModelSpec, topology: Topology,
     if args.synthetic:
         return _synthetic_loaders(args, image_size, device, decisions, seed, topology.process_count)
     train_set, val_set = build_datasets(_data_root(args, topology), image_size, spec.preprocess,
-                                        strict=args.strict_data)
+                                        strict=args.strict_data, augment=augment_settings(args))
     global_batch = args.batch_size * topology.process_count
-    if len(train_set) < global_batch:
-        raise DatasetError(f"the training set has {len(train_set)} images, fewer than one batch "
-                           f"({args.batch_size} per device x {topology.process_count} devices)")
+    if len(train_set) < global_batch * args.accum_steps:
+        raise DatasetError(f"the training set has {len(train_set)} images, fewer than one step "
+                           f"({args.batch_size} per device x {topology.process_count} devices"
+                           f"{f' x {args.accum_steps} accumulated batches' if args.accum_steps > 1 else ''})")
     workers = args.workers if args.workers is not None else default_workers(topology.local_process_count)
     train_sampler = TrainSampler(len(train_set), seed, topology.process_rank, topology.process_count)
     val_sampler = EvalShardSampler(len(val_set), topology.process_rank, topology.process_count)
@@ -144,9 +156,16 @@ def build_loaders(args: argparse.Namespace, spec: ModelSpec, topology: Topology,
     normalizer = models.Normalizer(spec.preprocess.mean, spec.preprocess.std, device)
     wrap = dict(device=device, normalizer=normalizer, channels_last=decisions.channels_last,
                 side_stream=decisions.side_stream_prefetch)
-    steps = min(len(train), args.max_steps or len(train))
+    full_epoch = len(train) // args.accum_steps
+    steps = min(full_epoch, args.max_steps or full_epoch)
     return Loaders(DeviceLoader(train, **wrap), DeviceLoader(val, **wrap), list(train_set.classes),
-                   len(train_set), steps, args.batch_size, global_batch)
+                   len(train_set), steps, args.batch_size, global_batch, args.accum_steps)
+
+
+def augment_settings(args: argparse.Namespace) -> AugmentSettings:
+    return AugmentSettings(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
+                           interpolation=args.interpolation, crop_pct=args.crop_pct, auto_augment=args.auto_augment,
+                           random_erase=args.random_erase)
 
 
 def num_classes_of(args: argparse.Namespace, class_names: list[str]) -> int:
@@ -181,14 +200,25 @@ def build_model(args: argparse.Namespace, spec: ModelSpec, num_classes: int, dev
     options.update(saved_options or {})
     if spec.aux_head:
         options["aux_logits"] = args.aux_loss_weight > 0
+    if args.drop_rate is not None:
+        options["dropout"] = args.drop_rate
     model = models.create_model(spec.name, num_classes=num_classes, weights=weights, **options)
     if args.sync_bn and topology.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if decisions.channels_last:
         model.to(memory_format=torch.channels_last)
-    saved = {key: value for key, value in options.items() if key != "aux_logits"}
+    # What inference needs to rebuild the model (the aux head and dropout only matter in training).
+    saved = {key: value for key, value in options.items() if key not in _TRAINING_ONLY_OPTIONS}
     return BuiltModel(model, saved)
+
+
+_TRAINING_ONLY_OPTIONS = ("aux_logits", "dropout")
+
+
+def build_average(args: argparse.Namespace, model: nn.Module) -> ModelEma | NoAverage:
+    """The weight average of ``--model-ema`` (on ``model``'s device and memory format), or none."""
+    return ModelEma(model, args.model_ema_decay, args.model_ema_warmup) if args.model_ema else NoAverage()
 
 
 # -- optimisation -----------------------------------------------------------------------------
@@ -198,26 +228,26 @@ class Optimization:
     optimizer: torch.optim.Optimizer
     precision: Precision
     schedule: LrSchedule
-    sgd: SgdSettings
+    settings: OptimizerSettings
     model: nn.Module  # the model apex may have wrapped
 
 
-def sgd_settings(args: argparse.Namespace) -> SgdSettings:
-    return SgdSettings(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov,
-                       decay_norm_and_bias=not args.no_bn_weight_decay)
+def optimizer_settings(args: argparse.Namespace) -> OptimizerSettings:
+    return OptimizerSettings(args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                             nesterov=args.nesterov, decay_norm_and_bias=not args.no_bn_weight_decay, eps=args.opt_eps)
 
 
 def build_optimization(args: argparse.Namespace, model: nn.Module, caps: Capabilities,
                        decisions: Decisions) -> Optimization:
     """Optimizer, precision (autocast + loss scaling) and learning-rate schedule."""
-    sgd = sgd_settings(args)
-    optimizer = build_optimizer(model, caps, sgd, vendor_fused=decisions.vendor_fused_sgd)
+    settings = optimizer_settings(args)
+    optimizer = build_optimizer(model, caps, settings, vendor_fused=decisions.vendor_fused_sgd)
     precision = build_precision(caps.device_type, amp=args.amp, amp_dtype=args.amp_dtype, opt_level=args.opt_level,
                                 loss_scale=args.loss_scale, use_apex=args.apex)
     model, optimizer = initialize_apex(precision, model, optimizer, args.opt_level, args.loss_scale)
     schedule = LrSchedule(args.lr, args.epochs, args.warm_up_epochs, args.lr_schedule, args.lr_step_epochs,
                           args.lr_gamma)
-    return Optimization(optimizer, precision, schedule, sgd, model)
+    return Optimization(optimizer, precision, schedule, settings, model)
 
 
 def _no_buffer_sync_per_forward() -> dict[str, bool]:
@@ -227,21 +257,31 @@ def _no_buffer_sync_per_forward() -> dict[str, bool]:
     return {"broadcast_buffers": False}
 
 
+@dataclass
+class TrainedModel:
+    """What the training loop calls, and the context in which a backward skips DDP's gradient
+    all-reduce (for every accumulated batch of a step but the last)."""
+
+    module: nn.Module
+    no_sync: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+
+
 def wrap_for_training(model: nn.Module, topology: Topology, device: torch.device,
-                      compile_backend: str | None) -> nn.Module:
+                      compile_backend: str | None) -> TrainedModel:
     """DistributedDataParallel across processes, then ``torch.compile`` when decided.
 
     Buffers are not broadcast before every forward (``broadcast_buffers=False``, as ModelZoo):
     rank 0's BatchNorm statistics are the same either way, and are given to every rank before
     each validation (``distributed.broadcast_buffers``).
     """
-    trained = model
+    trained = TrainedModel(model)
     if topology.distributed:
         ids = [device.index] if device.index is not None else None
-        trained = DistributedDataParallel(model, device_ids=ids, **_no_buffer_sync_per_forward())
+        ddp = DistributedDataParallel(model, device_ids=ids, **_no_buffer_sync_per_forward())
+        trained = TrainedModel(ddp, ddp.no_sync)
     if compile_backend is not None:
         started = time.perf_counter()
-        trained = torch.compile(trained, backend=compile_backend)
+        trained = TrainedModel(torch.compile(trained.module, backend=compile_backend), trained.no_sync)
         log.info("torch.compile (%s) wrapped the model in %.1fs; compilation itself happens in the first "
                  "steps, which the throughput figure leaves out (--fps-warmup-steps)", compile_backend,
                  time.perf_counter() - started)
@@ -261,6 +301,13 @@ class RunParts:
     state: TrainingState
     settings: LoopSettings
     notes: list[str]
+
+    def step_parts(self, trained: TrainedModel) -> StepParts:
+        """Accumulation, batch mixing and weight averaging for the training loop."""
+        args = self.args
+        return StepParts(accum_steps=args.accum_steps, no_sync=trained.no_sync,
+                         mix=build_mixer(self.state.identity.num_classes, args.mixup, args.cutmix),
+                         average=self.state.average, averaged_model=self.state.model)
 
 
 def loop_settings(args: argparse.Namespace, topology: Topology, device: torch.device,
@@ -287,10 +334,11 @@ def build_run(command: CommandLine, topology: Topology, device: torch.device, ca
     optimization = build_optimization(args, built.model, caps, decisions)
     identity = RunIdentity(spec.name, num_classes, loaders.class_names,
                            args.image_size or spec.preprocess.input_size, built.options)
-    state = TrainingState(built.model, optimization.optimizer, optimization.precision, optimization.sgd,
+    state = TrainingState(built.model, optimization.optimizer, optimization.precision, optimization.settings,
                           identity, args.seed, loaders.steps_per_epoch,
-                          {"world_size": topology.process_count, "batch_size": args.batch_size},
-                          epoch=args.start_epoch)
+                          {"world_size": topology.process_count, "batch_size": args.batch_size,
+                           "accum_steps": args.accum_steps},
+                          average=build_average(args, built.model), epoch=args.start_epoch)
     return RunParts(args, decisions, loaders, optimization, state, loop_settings(args, topology, device, decisions),
                     [*decisions.notes, *resolution.notes])
 
@@ -301,9 +349,13 @@ def log_start(parts: RunParts, topology: Topology, device: torch.device) -> None
     log.info("network: %s, %d classes, %d training images, image size %s, device %s, %d process(es)",
              args.arch, parts.state.identity.num_classes, loaders.train_images, args.image_size or "model default",
              describe(device), count)
-    log.info("batch size %d per device x %d = %d global; lr %g (the %s recipe's unless set)", loaders.batch_size,
-             count, loaders.global_batch_size, args.lr,
+    log.info("batch size %d per device x %d = %d global%s; lr %g (the %s recipe's unless set)", loaders.batch_size,
+             count, loaders.global_batch_size,
+             f" x {loaders.accum_steps} accumulated = {loaders.global_batch_size * loaders.accum_steps} per "
+             f"optimizer step" if loaders.accum_steps > 1 else "", args.lr,
              "1-device" if count == 1 else f"{REFERENCE_WORLD_SIZE}-device")
+    log.info("recipe %s: %s", args.recipe, ", ".join(f"{item.name} {getattr(args, item.name)}"
+                                                     for item in fields(Recipe)))
     if count not in (1, REFERENCE_WORLD_SIZE):
         log.info("note: the linear scaling rule from the 1-device recipe suggests --lr %.4g for this global batch; "
                  "it is not applied automatically", linear_scaling_hint(args.arch, count, args.batch_size))

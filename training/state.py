@@ -21,10 +21,11 @@ from typing import Any
 
 from torch import nn
 
-from models.loading import check_fits
+from models.loading import EMA_KEY, check_fits
 from models.weights import extract_state_dict, load_weights
 from training.checkpoint import FORMAT_VERSION, CheckpointError
-from training.optim import SgdSettings, apply_settings
+from training.averaging import NoAverage
+from training.optim import OptimizerSettings, apply_settings
 from training.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -54,20 +55,24 @@ class TrainingState:
     model: nn.Module  # the bare model, never the DDP or compile wrapper
     optimizer: Any
     precision: Precision
-    sgd: SgdSettings
+    optimizer_settings: OptimizerSettings
     identity: RunIdentity
     seed: int
     steps_per_epoch: int
-    layout: dict[str, int]  # world_size and batch_size (per device) of this run
+    layout: dict[str, int]  # world_size, batch_size (per device) and accum_steps of this run
+    average: Any = field(default_factory=NoAverage)  # the weight average (ModelEma), if kept
     epoch: int = 0
     step: int = 0
     best_acc1: float | None = None  # None until an epoch has been validated
+    best_weights: str = "model"  # which weights reached best_acc1: "model", or "ema" (the average)
     is_best: bool = False
     epoch_sums: dict[str, Any] | None = None
 
-    def finish_epoch(self, epoch: int, acc1: float) -> None:
+    def finish_epoch(self, epoch: int, acc1: float, weights: str = "model") -> None:
+        """Epoch ``epoch`` is done; ``acc1`` is its best validation Acc@1, of ``weights``."""
         self.is_best = self.best_acc1 is None or acc1 > self.best_acc1
-        self.best_acc1 = acc1 if self.is_best else self.best_acc1
+        if self.is_best:
+            self.best_acc1, self.best_weights = acc1, weights
         self.epoch, self.step, self.epoch_sums = epoch, 0, None
 
     def state_dict(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +83,12 @@ class TrainingState:
                 "best_acc1": self.best_acc1, "num_classes": identity.num_classes,
                 "class_names": list(identity.class_names), "image_size": identity.image_size,
                 "model_options": dict(identity.model_options), "seed": self.seed, "layout": dict(self.layout),
-                "epoch_sums": self.epoch_sums, "args": args}
+                "epoch_sums": self.epoch_sums, "best_weights": self.best_weights, **self._average_state(),
+                "args": args}
+
+    def _average_state(self) -> dict[str, Any]:
+        saved = self.average.state_dict()
+        return {EMA_KEY: saved["weights"], "ema_updates": saved["updates"]} if saved else {}
 
     def restore(self, saved: dict[str, Any], source: Path, training: bool = True,
                 start_epoch: int | None = None) -> None:
@@ -93,6 +103,7 @@ class TrainingState:
         self.epoch, self.step = int(saved.get("epoch", 0)), int(saved.get("step", 0))
         best = saved.get("best_acc1")
         self.best_acc1 = float(best) if best is not None else None
+        self.best_weights = str(saved.get("best_weights", "model"))
         self.epoch_sums = saved.get("epoch_sums") if self.step else None
         if training:
             self._restore_optimization(saved, source)
@@ -107,9 +118,16 @@ class TrainingState:
         if saved.get("optimizer") is None:
             raise CheckpointError(f"{source} has no optimizer state to resume training from; "
                                   f"use it with --pretrained instead")
-        self.optimizer.load_state_dict(saved["optimizer"])
-        apply_settings(self.optimizer, self.sgd)
+        saved_kind = (saved.get("args") or {}).get("opt", "sgd")
+        if saved_kind == self.optimizer_settings.kind:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        else:
+            log.info("note: the optimizer changed from %s to %s: its state starts fresh", saved_kind,
+                     self.optimizer_settings.kind)
+        apply_settings(self.optimizer, self.optimizer_settings)
         self.precision.load_state_dict(saved.get("scaler"))
+        if saved.get(EMA_KEY) is not None and saved.get("ema_updates") is not None:
+            self.average.load_state_dict({"weights": saved[EMA_KEY], "updates": saved["ema_updates"]})
 
     def _map_step(self, saved: dict[str, Any]) -> None:
         saved_steps = int(saved.get("steps_per_epoch") or self.steps_per_epoch)

@@ -30,7 +30,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -203,6 +203,7 @@ class TrainTransform:
         scale, ratio: as ``torchvision.transforms.RandomResizedCrop``.
         hflip: probability of a horizontal flip.
         reducing_gap: Pillow ``reducing_gap`` (None: always a full resample).
+        extra: further augmentation of the uint8 CHW result (``extra_augmentation``), or None.
     """
 
     def __init__(
@@ -213,6 +214,7 @@ class TrainTransform:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
         reducing_gap: float | None = DEFAULT_REDUCING_GAP,
+        extra: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.image_size = int(image_size)
         self.interpolation = interpolation
@@ -221,6 +223,7 @@ class TrainTransform:
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.hflip = float(hflip)
         self.reducing_gap = reducing_gap
+        self.extra = extra
 
     def decode(self, img: Image.Image) -> Decoded:
         width, height = img.size
@@ -237,15 +240,17 @@ class TrainTransform:
 
     def finish(self, decoded: Decoded) -> torch.Tensor:
         if decoded.tensor_resize:
-            return _resize_tensor(decoded.image, self.image_size, self.interpolation, decoded.flip)
-        return _resize_decoded(decoded, self.image_size, self.resample, self.reducing_gap)
+            image = _resize_tensor(decoded.image, self.image_size, self.interpolation, decoded.flip)
+        else:
+            image = _resize_decoded(decoded, self.image_size, self.resample, self.reducing_gap)
+        return self.extra(image) if self.extra is not None else image
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.finish(self.decode(img))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(image_size={self.image_size}, interpolation={self.interpolation!r}, "
-                f"scale={self.scale}, ratio={self.ratio}, hflip={self.hflip})")
+                f"scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, extra={self.extra!r})")
 
 
 def eval_crop_box(width: int, height: int, image_size: int, resize_size: int) -> tuple[float, float, float, float]:
@@ -294,6 +299,22 @@ class EvalTransform:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(image_size={self.image_size}, resize_size={self.resize_size}, "
                 f"interpolation={self.interpolation!r})")
+
+
+AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet")
+
+
+def extra_augmentation(auto_augment: str | None, random_erase: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """torchvision v2 augmentation of a uint8 CHW crop: an AutoAugment-family policy and
+    RandomErasing, in that order; None when neither is asked for."""
+    from torchvision.transforms import v2
+
+    policies = {"ra": v2.RandAugment, "ta_wide": v2.TrivialAugmentWide, "augmix": v2.AugMix,
+                "imagenet": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)}
+    steps = [policies[auto_augment]()] if auto_augment else []
+    if random_erase > 0:
+        steps.append(v2.RandomErasing(p=random_erase, value=0))
+    return v2.Compose(steps) if steps else None
 
 
 class ImageReadError(UserError):

@@ -1,0 +1,66 @@
+"""The papers' recipes as a named choice, the other optimizers, and the curves a run draws."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, metrics_of, quick_args, run_main
+from training.checkpoint import load_checkpoint
+
+PAPER = {
+    "inception_v3": {"opt": "rmsprop", "opt_eps": "1.0", "lr": "0.045", "lr_schedule": "step", "lr_step_epochs": "2",
+                     "lr_gamma": "0.94", "clip_grad": "2.0", "label_smoothing": "0.1", "model_ema": "True"},
+    "xception": {"opt": "sgd", "momentum": "0.9", "lr": "0.045", "lr_schedule": "step", "lr_step_epochs": "2",
+                 "lr_gamma": "0.94", "weight_decay": "1e-05", "drop_rate": "0.5", "model_ema": "True"},
+}
+
+
+def recipe_line(output: str) -> dict[str, str]:
+    line = next(line for line in output.splitlines() if line.startswith("recipe "))
+    return dict(item.split(" ", 1) for item in line.split(": ", 1)[1].split(", "))
+
+
+@pytest.mark.parametrize("arch", sorted(PAPER))
+def test_the_paper_recipe_prints_the_papers_values(arch, tiny_data, tmp_path):
+    size = "75" if arch == "inception_v3" else "48"
+    result = run_main(*quick_args(tiny_data, tmp_path, arch, "--recipe", "paper", "--max-steps", "1",
+                                  "--image-size", size, "--lr", "0.001"))
+    assert result.code == 0, result.output
+    values = recipe_line(result.output)
+    expected = {**PAPER[arch], "lr": "0.001"}  # a typed option still wins
+    assert {key: values[key] for key in expected} == expected
+    saved = load_checkpoint(tmp_path / "checkpoint.pth.tar")
+    assert saved["args"]["recipe"] == "paper" and saved["ema_state_dict"]
+
+
+@pytest.mark.parametrize("opt", ["rmsprop", "adamw"])
+def test_other_optimizers_train_and_resume(opt, tiny_data, tmp_path):
+    base = quick_args(tiny_data, tmp_path, "xception", "--max-steps", "1", "--image-size", "48")
+    assert run_main(*base, "--opt", opt, "--lr", "0.001").code == 0
+    saved = load_checkpoint(tmp_path / "checkpoint.pth.tar")
+    assert ("alpha" in saved["optimizer"]["param_groups"][0]) == (opt == "rmsprop")
+    # No --opt on resume: the checkpoint's optimizer, with its state.
+    resumed = run_main(*base, "--epochs", "2", "--resume", "auto")
+    assert resumed.code == 0, resumed.output
+    assert "optimizer changed" not in resumed.output
+    assert [r["epoch"] for r in metrics_of(tmp_path)] == [1, 2]
+
+
+def test_curves_are_drawn_each_epoch_and_runs_can_be_compared(tiny_data, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for output in (first, second):
+        result = run_main(*quick_args(tiny_data, output, "xception", "--max-steps", "2", "--epochs", "2",
+                                      "--image-size", "48", "--model-ema"))
+        assert result.code == 0, result.output
+    with Image.open(first / "curves.png") as image:
+        assert image.format == "PNG" and image.size[0] > 500
+    compare = tmp_path / "compare.png"
+    result = subprocess.run([sys.executable, "plot_metrics.py", str(first / "metrics.jsonl"),
+                             str(second / "metrics.jsonl"), "-o", str(compare)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and re.search(r"wrote .*compare\.png", result.stdout), result.stderr
+    assert compare.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
