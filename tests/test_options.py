@@ -39,6 +39,16 @@ def test_recipes_are_upstreams(arch, processes, expected):
 
 # -- ModelZoo spellings ---------------------------------------------------------------------
 
+def test_the_quick_run_learns_with_values_of_its_own_unless_a_recipe_is_named():
+    inception = resolved("--dummy", "-a", "inception_v3")
+    assert (inception.opt, inception.lr, inception.epochs, inception.image_size) == ("adamw", 1e-3, 5, 96)
+    xception = resolved("--dummy", "-a", "xception")
+    assert (xception.opt, xception.lr, xception.batch_size) == ("sgd", 0.05, 16)
+    paper = resolved("--dummy", "-a", "inception_v3", "--recipe", "paper")
+    assert (paper.opt, paper.lr, paper.epochs) == ("rmsprop", 0.045, 5)
+    assert resolved("--dummy", "-a", "inception_v3", "--opt", "sgd").opt == "sgd"  # typed wins
+
+
 def test_modelzoo_spellings():
     args = resolved("--data_path", "/d", "--loss_scale=128", "--mom=0.8", "--learning-rate=0.3",
                     "--weight-decay=1.0e-04", "--device", "gpu", "--world-size=-1", "--rank=-1", "--device_list",
