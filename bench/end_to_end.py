@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
 from bench.input_pipeline import ensure_jpeg_folder, parse_size  # noqa: E402
+from training import device as devices  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("synthetic", "jpeg")
@@ -33,7 +34,6 @@ SOURCES = ("synthetic", "jpeg")
 
 def child(report: str, main_argv: list[str]) -> int:
     """Run main.py's ``main(main_argv)`` in this process, then record its peak memory."""
-    from training import device as devices
     from training.options import parse_args
     from training.run import main
 
@@ -98,8 +98,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternating synthetic/jpeg runs; fps is the median per source")
     parser.add_argument("-j", "--workers", type=int, default=None, help="main.py -j (default: main.py's own)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu", "mps"))
-    parser.add_argument("--main-flags", default="", help="extra main.py flags for both runs, e.g. '--amp'")
+    parser.add_argument("--device", default="auto", choices=devices.DEVICE_CHOICES)
+    parser.add_argument("--main-flags", default="",
+                        help="extra main.py flags for both runs, e.g. --main-flags=--amp (with '=': the value "
+                             "starts with a dash)")
     parser.add_argument("--data-dir", default=None, help="where the JPEG folder is cached "
                         "(default: as bench/input_pipeline.py)")
     parser.add_argument("--classes", type=int, default=10)

@@ -307,7 +307,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     parser.add_argument("--loader-batches", type=int, default=12, help="batches per timed loader round")
     parser.add_argument("--loader-warmup", type=int, default=3, help="batches drawn before timing a loader")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu", "mps"))
+    parser.add_argument("--device", default="auto", choices=devices.DEVICE_CHOICES)
     common.add_common_options(parser)
     args = parser.parse_args(argv)
     try:

@@ -373,7 +373,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="training steps per timed round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; images/s is their median")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu", "mps"))
+    parser.add_argument("--device", default="auto", choices=devices.DEVICE_CHOICES)
     parser.add_argument("--configs", default=None,
                         help=f"comma-separated: baseline, ours[-amp][-nchw][-compile] "
                              f"(default on cpu: {DEFAULT_CONFIGS['cpu']}; cuda: {DEFAULT_CONFIGS['cuda']})")

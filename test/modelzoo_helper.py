@@ -26,11 +26,8 @@ def detect_devices() -> tuple[str, int]:
     sys.path.insert(0, str(REPO))
     from training import device as devices
 
-    for kind in ("npu", "cuda"):
-        count = devices.device_count(kind)
-        if count:
-            return kind, count
-    return ("mps", 1) if devices.is_available("mps") else ("cpu", 0)
+    kind = devices.select_device("auto").type
+    return kind, 0 if kind == "cpu" else devices.device_count(kind)
 
 
 def processes_per_node(options: argparse.Namespace, device_type: str, count: int) -> int:

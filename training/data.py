@@ -11,6 +11,7 @@ to the device.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from dataclasses import dataclass
@@ -195,7 +196,8 @@ def build_datasets(data_root: str | os.PathLike, image_size: int, preprocess: Pr
     """Train and val datasets under ``data_root`` with the model's crop, resize and filter."""
     augment = augment or AugmentSettings()
     interpolation = augment.interpolation or preprocess.interpolation
-    eval_resize = round(image_size / augment.crop_pct) if augment.crop_pct else preprocess.eval_resize(image_size)
+    evaluation = dataclasses.replace(preprocess, crop_pct=augment.crop_pct) if augment.crop_pct else preprocess
+    eval_resize = evaluation.eval_resize(image_size)
     train_dir, val_dir = find_split_dirs(data_root)
     train_transform = TrainTransform(image_size, interpolation, augment.scale, augment.ratio, augment.hflip,
                                      extra=extra_augmentation(augment.auto_augment, augment.random_erase))

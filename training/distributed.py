@@ -128,10 +128,12 @@ def _restart_store(topology: Topology, timeout: datetime.timedelta) -> dist.Stor
 
 def destroy_process_group() -> None:
     if _initialized():
-        # torch < 2.4: gloo's destructor joins its worker thread while holding the GIL, and that
-        # thread may still be releasing the last collective's tensors, which needs the GIL: a
-        # deadlock at exit. A moment without the GIL lets it finish first.
-        time.sleep(0.1)
+        if dist.get_backend() == "gloo":
+            # Seen with torch 2.3: gloo's destructor joins its worker thread while holding the
+            # GIL, and that thread may still be releasing the last collective's tensors, which
+            # needs the GIL: a deadlock at exit. A moment without the GIL lets it finish first
+            # (a mitigation, not a guarantee).
+            time.sleep(0.1)
         dist.destroy_process_group()
     _group.control = None
 

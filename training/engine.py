@@ -193,6 +193,7 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable, optimizer:
         if done is None:  # the loader ran out of batches before this step
             step -= 1
             break
+        clock.step_done()
         if settings.clip_grad:
             precision.unscale(optimizer)
             nn.utils.clip_grad_norm_(precision.clip_parameters(model, optimizer), settings.clip_grad)
@@ -233,14 +234,17 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable, optimizer:
 def _accumulate(model: nn.Module, batches: Any, loss_fn: Callable, optimizer: torch.optim.Optimizer,
                 precision: Precision, parts: StepParts, sums: RunningSums, clock: StepClock,
                 replaced: list[str], unchecked: list[torch.Tensor]) -> int | None:
-    """Forward and backward the batches of one optimizer step; the images they held (None: no batch left)."""
+    """Forward and backward the batches of one optimizer step; the images they held (None: the
+    loader ran out before the step was complete, which is then dropped: its last backward ran
+    under ``no_sync``)."""
     images_done = 0
+    step_loss = None
     for index in range(parts.accum_steps):
         try:
             waited, (images, target, replaced_paths) = next(batches)
         except StopIteration:
-            return images_done or None
-        clock.data_ready(waited)
+            return None
+        clock.data_waited(waited)
         _note_replaced(replaced_paths, replaced)
         mixed, loss_target = parts.mix(images, target)
         last = index + 1 == parts.accum_steps
@@ -249,9 +253,10 @@ def _accumulate(model: nn.Module, batches: Any, loss_fn: Callable, optimizer: to
                 loss, logits = loss_fn(model(mixed), loss_target)
             precision.backward(loss / parts.accum_steps if parts.accum_steps > 1 else loss, optimizer)
         sums.add(loss, logits, target)
-        if not precision.skips_nonfinite_steps:
-            unchecked.append(loss.detach())
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         images_done += images.shape[0]
+    if not precision.skips_nonfinite_steps:
+        unchecked.append(step_loss)  # one per optimizer step: non-finite if any batch's loss was
     return images_done
 
 

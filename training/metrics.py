@@ -128,7 +128,15 @@ class StepClock:
         self.steps = 0
 
     def data_ready(self, waited: float) -> None:
+        """A batch that is a whole step (validation)."""
+        self.data_waited(waited)
+        self.step_done()
+
+    def data_waited(self, waited: float) -> None:
         self.data_time += waited
+
+    def step_done(self) -> None:
+        """One optimizer step, however many batches it accumulated."""
         self.steps += 1
 
     def read(self) -> tuple[float, float]:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import models
 from training.device import DEVICE_ALIASES, DEVICE_CHOICES, canonical_type
+from training.optim import OPTIMIZERS
 from training.recipes import RECIPES
+from training.transforms import AUTO_AUGMENT
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ _non_negative_float = _checked_number(float, lambda v: v >= 0, ">= 0", "float")
 _probability = _checked_number(float, lambda v: 0.0 <= v <= 1.0, "between 0 and 1", "float")
 _fraction = _checked_number(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]", "float")
 _positive_float = _checked_number(float, lambda v: v > 0, "positive", "float")
+_open_fraction = _checked_number(float, lambda v: 0.0 < v < 1.0, "in (0, 1)", "float")
 
 
 def _loss_scale(text: str) -> str:
@@ -256,7 +259,7 @@ def _add_improvement_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recipe", choices=RECIPES, default="modelzoo",
                        help="the ModelZoo scripts' values, or the papers' (RMSProp/SGD, lr 0.045 x 0.94 every 2 "
                             "epochs, averaged weights; every value is printed at start)")
-    group.add_argument("--opt", choices=("sgd", "rmsprop", "adamw"), default=None,
+    group.add_argument("--opt", choices=OPTIMIZERS, default=None,
                        help="optimizer, torch's own (recipe: sgd; paper: rmsprop for inception_v3)")
     group.add_argument("--opt-eps", type=_positive_float, default=None, metavar="EPS",
                        help="optimizer epsilon (rmsprop, adamw; default: the recipe's, else torch's)")
@@ -265,7 +268,7 @@ def _add_improvement_options(parser: argparse.ArgumentParser) -> None:
                             "BatchNorm buffers included), validated every epoch (recipe: off; paper: on)")
     group.add_argument("--no-model-ema", dest="model_ema", action="store_false", default=None,
                        help="no weight averaging, even with --recipe paper")
-    group.add_argument("--model-ema-decay", type=_fraction, default=None, metavar="D",
+    group.add_argument("--model-ema-decay", type=_open_fraction, default=None, metavar="D",
                        help="EMA decay per optimizer step (default 0.9998)")
     group.add_argument("--model-ema-warmup", action="store_true",
                        help="ramp the EMA decay up: min(D, (1 + t) / (10 + t)) after t updates")
@@ -287,7 +290,7 @@ def _add_improvement_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--crop-pct", type=_fraction, default=None, metavar="F",
                        help="evaluation centre crop: resize the short side to size / F first "
                             "(default 0.875: 342 for 299)")
-    group.add_argument("--auto-augment", choices=("ra", "ta_wide", "augmix", "imagenet"), default=None,
+    group.add_argument("--auto-augment", choices=AUTO_AUGMENT, default=None,
                        help="torchvision v2 policy in the loader workers: RandAugment, TrivialAugmentWide, AugMix, "
                             "AutoAugment(ImageNet)")
     group.add_argument("--random-erase", type=_probability, default=0.0, metavar="P",

@@ -124,13 +124,13 @@ def _data_root(args: argparse.Namespace, topology: Topology) -> Path:
 def _synthetic_loaders(args: argparse.Namespace, image_size: int, device: torch.device, decisions: Decisions,
                        seed: int, count: int) -> Loaders:
     num_classes = args.num_classes or SYNTHETIC_NUM_CLASSES
-    steps = min(SYNTHETIC_STEPS, args.max_steps or SYNTHETIC_STEPS)
+    steps = min(SYNTHETIC_STEPS, args.max_steps or SYNTHETIC_STEPS)  # optimizer steps, as with real data
     make = dict(batch_size=args.batch_size, image_size=image_size, num_classes=num_classes, device=device,
                 channels_last=decisions.channels_last, seed=seed)
-    train = SyntheticBatches(steps=steps, **make)
+    train = SyntheticBatches(steps=steps * args.accum_steps, **make)
     names = [f"class_{index}" for index in range(num_classes)]
     val = SyntheticBatches(steps=SYNTHETIC_VAL_STEPS, **make)
-    return Loaders(train, val, names, train.num_images, max(1, steps // args.accum_steps), args.batch_size,
+    return Loaders(train, val, names, train.num_images, steps, args.batch_size,
                    args.batch_size * count, args.accum_steps)
 
 
