@@ -88,9 +88,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def fresh_checkout(tmp_path_factory) -> Path:
-    """A copy of the repository as a fresh clone has it: tracked files, nothing trained or built."""
+    """A copy of the repository as a fresh clone has it: tracked files, nothing trained or built.
+    One per test (0.7 MB): a test that trains in it must not leave checkpoints for the next."""
     listing = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                              capture_output=True, text=True, check=True)
     root = tmp_path_factory.mktemp("checkout") / "repo"
