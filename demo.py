@@ -22,7 +22,7 @@ from models.errors import UserError
 from models.loading import load_for_inference
 from training import device as devices
 from training.checkpoint import checkpoint_for_inference
-from training.transforms import read_eval_image
+from training.data.transforms import read_eval_image
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_IMAGE = HERE / "demo" / "sample.jpg"

@@ -27,7 +27,7 @@ import models
 from models.errors import UserError
 from models.loading import InferenceModel, load_for_inference
 from training.checkpoint import checkpoint_for_inference
-from training.transforms import read_eval_image
+from training.data.transforms import read_eval_image
 
 HERE = Path(__file__).resolve().parent
 SAMPLE_IMAGE = HERE / "demo" / "sample.jpg"

@@ -41,7 +41,7 @@ from PIL import Image  # noqa: E402
 
 import models  # noqa: E402
 from bench import common  # noqa: E402
-from training.dummy_data import default_cache_dir  # noqa: E402
+from training.data.embedded import default_cache_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDER_VERSION = "v1"

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child-report"]:
         return child(argv[1], argv[3:] if argv[2:3] == ["--"] else argv[2:])
     args = parse(argv)
-    from training.dummy_data import default_cache_dir
+    from training.data.embedded import default_cache_dir
 
     data = ensure_jpeg_folder(args.data_dir or default_cache_dir() / "bench", args.classes, args.train_per_class,
                               args.val_per_class, args.source_size)

@@ -1,6 +1,6 @@
 """Input-pipeline benchmark: decode + augment on an ImageNet-like JPEG folder.
 
-The folder is generated once (cached) with ``training.dummy_data.make_imagefolder``:
+The folder is generated once (cached) with ``training.data.embedded.make_imagefolder``:
 sizes jittered +-25% around 500x375, JPEG quality 90, like ImageNet's typical photo.
 
 Two measurements, each comparing
@@ -43,11 +43,12 @@ import models  # noqa: E402
 from bench import common  # noqa: E402
 from bench.reference_transforms import classic_train_transform  # noqa: E402
 from training import device as devices  # noqa: E402
-from training.data import (AugmentSettings, SampleKey, TrainSampler, build_datasets, build_loader,  # noqa: E402
-                           collate_batch)
-from training.mixing import build_mixer  # noqa: E402
-from training.dummy_data import default_cache_dir, make_imagefolder  # noqa: E402
-from training.prefetch import DeviceLoader  # noqa: E402
+from training.data.imagefolder import build_datasets, build_loader, collate_batch  # noqa: E402
+from training.data.sampling import SampleKey, TrainSampler  # noqa: E402
+from training.data.transforms import AugmentSettings  # noqa: E402
+from training.data.mixing import build_mixer  # noqa: E402
+from training.data.embedded import default_cache_dir, make_imagefolder  # noqa: E402
+from training.data.device_loader import DeviceLoader  # noqa: E402
 
 SEED = 0
 FOLDER_VERSION = "v1"  # bump when the generated folder's recipe changes

@@ -49,7 +49,7 @@ from training.precision import resolve_dtype  # noqa: E402
 from training.recipes import recipe_for  # noqa: E402
 from training.schedule import LrSchedule  # noqa: E402
 from training.setup import agree_on_seed, build_model, build_optimization, decide, wrap_for_training  # noqa: E402
-from training.synthetic import SYNTHETIC_NUM_CLASSES, SyntheticBatches  # noqa: E402
+from training.data.synthetic import SYNTHETIC_NUM_CLASSES, SyntheticBatches  # noqa: E402
 
 # main.py flags behind each configuration name (any name: "ours" + "-amp", "-nchw", "-compile").
 _FLAG_OF_SUFFIX = {"amp": "--amp", "nchw": "--no-channels-last", "compile": "--compile"}

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.dummy_data import class_name, render_image
+from training.data.embedded import class_name, render_image
 
 KINDS = ("gray", "cmyk", "palette", "rgba", "corrupt", "garbage")
 

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from training.dummy_data import make_imagefolder  # noqa: E402
+from training.data.embedded import make_imagefolder  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 
 # Small enough for seconds per run on two CPU cores, big enough for Inception's minimum.

@@ -11,13 +11,15 @@ import models
 from conftest import metrics_of, quick_args, run_main
 from models.preprocess import INCEPTION_V3
 from training.config import resolve_options
-from training.data import AugmentSettings, SampleKey, build_datasets
+from training.data.imagefolder import build_datasets
+from training.data.sampling import SampleKey
+from training.data.transforms import AugmentSettings
 from training.device import CAPABILITIES
 from training.distributed import Topology
 from training.options import parse_command_line
 from training.setup import build_model, decide
-from training.mixing import build_mixer, keep_batch
-from training.transforms import AUTO_AUGMENT, TrainTransform, extra_augmentation
+from training.data.mixing import build_mixer, keep_batch
+from training.data.transforms import AUTO_AUGMENT, TrainTransform, extra_augmentation
 
 
 @pytest.mark.parametrize("policy", [*AUTO_AUGMENT, None])

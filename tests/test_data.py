@@ -15,12 +15,13 @@ from torchvision import transforms as T
 from awkward_files import add_awkward_files
 from bench.reference_transforms import classic_eval_transform, classic_train_transform
 from models.preprocess import INCEPTION_V3, Normalizer, PreprocessConfig
-from training import dummy_data
-from training.data import (Collate, DatasetError, EvalShardSampler, ImageFolderDataset, SampleKey, TrainSampler,
-                           build_datasets, build_loader, collate_batch, default_workers, find_split_dirs)
-from training.dummy_data import ensure_dummy_imagefolder, make_imagefolder
-from training.prefetch import DeviceLoader
-from training.transforms import EvalTransform, TrainTransform, random_resized_crop_params
+from training.data import embedded as dummy_data
+from training.data.imagefolder import (Collate, DatasetError, ImageFolderDataset, build_datasets, build_loader,
+                                       collate_batch, default_workers, find_split_dirs)
+from training.data.sampling import EvalShardSampler, SampleKey, TrainSampler
+from training.data.embedded import ensure_dummy_imagefolder, make_imagefolder
+from training.data.device_loader import DeviceLoader
+from training.data.transforms import EvalTransform, TrainTransform, random_resized_crop_params
 
 MEAN, STD = INCEPTION_V3.mean, INCEPTION_V3.std
 SMALL = PreprocessConfig(input_size=32, crop_pct=0.875, interpolation="bilinear", mean=MEAN, std=STD)

@@ -20,7 +20,7 @@ from training.device import CAPABILITIES, HCCL_DTYPES, DeviceError
 from training.distributed import CollectiveDtypeError, Topology
 from training.options import parse_command_line
 from training.precision import Precision, adapt_scaler_state, build_precision
-from training.setup import SetupError, build_loaders, build_model, decide
+from training.setup import SetupError, build_data, build_model, decide
 
 NPU = CAPABILITIES["npu"]
 
@@ -109,7 +109,7 @@ def test_models_and_batches_stay_contiguous_where_the_table_says_so(tiny_data):
         # No NPU here to pin memory for: the formats are what this test is about.
         decisions = replace(decide(args, row, Topology()), pin_memory={"pin_memory": False})
         spec = models.model_spec("xception")
-        loaders = build_loaders(args, spec, Topology(), cpu, decisions, seed=0)
+        loaders = build_data(args, spec, Topology(), cpu, decisions, seed=0)
         images, _, _ = next(iter(loaders.train))
         model = build_model(args, spec, 3, cpu, decisions, Topology()).model
         weight = model.conv1.weight

@@ -21,10 +21,11 @@ from awkward_files import add_awkward_files
 from conftest import TINY_IMAGE_SIZE, free_port, metrics_of, run_main
 from processes import finish, launch, run_to_end, wait_for_file, wait_for_line, worker_of
 from training import checkpoint as checkpoints
-from training.data import EvalShardSampler, build_datasets, build_loader
-from training.dummy_data import make_imagefolder
+from training.data.imagefolder import build_datasets, build_loader
+from training.data.sampling import EvalShardSampler
+from training.data.embedded import make_imagefolder
 from training.metrics import setup_logging
-from training.prefetch import DeviceLoader
+from training.data.device_loader import DeviceLoader
 
 def tiny_args(data: Path, output: Path, arch: str = "xception", *extra: str) -> list[str]:
     """main.py options for a run of two 2-image steps per device (lr kept small: no NaN)."""

@@ -12,7 +12,7 @@ from torch import nn
 
 import models
 import pthtar2onnx
-from training.transforms import read_eval_image
+from training.data.transforms import read_eval_image
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -7,7 +7,7 @@ import torch
 from awkward_files import add_awkward_files
 from conftest import metrics_of, quick_args, run_main
 from training.checkpoint import load_checkpoint
-from training.dummy_data import make_imagefolder
+from training.data.embedded import make_imagefolder
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from training.distributed import sum_across_ranks
 from training.averaging import NoAverage
 from training.metrics import (Progress, RunningSums, StepClock, Throughput, accuracy_summary, epoch_line,
                               eval_line, fps_summary, train_line)
-from training.mixing import keep_batch
+from training.data.mixing import keep_batch
 from training.precision import Precision
 from training.schedule import LrSchedule
 from training.seeding import seed_step

@@ -20,7 +20,7 @@ import models
 from training.device import DEVICE_ALIASES, DEVICE_CHOICES, canonical_type
 from training.optim import OPTIMIZERS
 from training.recipes import RECIPES
-from training.transforms import AUTO_AUGMENT
+from training.data.transforms import AUTO_AUGMENT
 
 log = logging.getLogger(__name__)
 

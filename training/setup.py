@@ -2,7 +2,7 @@
 
 ``training.run.Run``, the benchmarks and the tests all build through these functions:
 ``decide`` (what the device makes of the options, once), ``agree_on_seed``,
-``build_loaders``, ``build_model``, ``build_optimization`` and ``wrap_for_training``;
+``build_data``, ``build_model``, ``build_optimization`` and ``wrap_for_training``;
 ``build_run`` chains them for main.py and ``log_start`` says what was built.
 """
 from __future__ import annotations
@@ -25,25 +25,21 @@ from models.errors import UserError
 from models.pretrained import published_weights_file
 from models.registry import ModelSpec
 from training import distributed
-from training.data import (AugmentSettings, DatasetError, EvalShardSampler, TrainSampler, build_datasets,
-                           build_loader, default_workers)
+from training.data import AugmentSettings, DataSettings, DatasetError, DeviceTransfer, Loaders, build_loaders
 from training.device import Capabilities, pin_memory_options
 from training.distributed import Topology
-from training.dummy_data import ensure_dummy_imagefolder
 from training.averaging import ModelEma, NoAverage
-from training.mixing import build_mixer
+from training.data.mixing import build_mixer
 from training.optim import OptimizerSettings, build_optimizer
 from training.config import resolve_options
 from training.device import describe
 from training.engine import LoopSettings, StepParts
 from training.options import PUBLISHED, CommandLine
 from training.precision import Precision, build_precision, initialize_apex
-from training.prefetch import DeviceLoader
 from training.recipes import REFERENCE_WORLD_SIZE, Recipe, linear_scaling_hint
 from training.schedule import LrSchedule
 from training.state import RunIdentity, TrainingState
 from training.seeding import draw_run_seed
-from training.synthetic import SYNTHETIC_NUM_CLASSES, SYNTHETIC_STEPS, SYNTHETIC_VAL_STEPS, SyntheticBatches
 
 log = logging.getLogger(__name__)
 
@@ -93,73 +89,20 @@ def agree_on_seed(seed: int | None) -> int:
 
 # -- data -------------------------------------------------------------------------------
 
-@dataclass
-class Loaders:
-    train: DeviceLoader | SyntheticBatches
-    val: DeviceLoader | SyntheticBatches
-    class_names: list[str]
-    train_images: int
-    steps_per_epoch: int  # the full epoch's optimizer steps, capped by --max-steps
-    batch_size: int  # per device and batch
-    global_batch_size: int  # all devices' batches together
-    accum_steps: int = 1  # batches per optimizer step
-
-    @property
-    def samples_per_step(self) -> int:
-        """Images one device reads per optimizer step."""
-        return self.batch_size * self.accum_steps
+def data_settings(args: argparse.Namespace, spec: ModelSpec) -> DataSettings:
+    """What the input pipeline needs from the options."""
+    return DataSettings(root=args.data, image_size=args.image_size or spec.preprocess.input_size,
+                        batch_size=args.batch_size, dummy_dir=args.dummy_dir, synthetic=args.synthetic,
+                        accum_steps=args.accum_steps, workers=args.workers, max_steps=args.max_steps,
+                        num_classes=args.num_classes, strict=args.strict_data, augment=augment_settings(args))
 
 
-def _data_root(args: argparse.Namespace, topology: Topology) -> Path:
-    if args.data is not None:
-        return Path(args.data)
-    if topology.is_main:
-        root = ensure_dummy_imagefolder(args.dummy_dir)
-    distributed.barrier()  # rank 0 made it; the others find it
-    if not topology.is_main:
-        root = ensure_dummy_imagefolder(args.dummy_dir)
-    return root
-
-
-def _synthetic_loaders(args: argparse.Namespace, image_size: int, device: torch.device, decisions: Decisions,
-                       seed: int, count: int) -> Loaders:
-    num_classes = args.num_classes or SYNTHETIC_NUM_CLASSES
-    steps = min(SYNTHETIC_STEPS, args.max_steps or SYNTHETIC_STEPS)  # optimizer steps, as with real data
-    make = dict(batch_size=args.batch_size, image_size=image_size, num_classes=num_classes, device=device,
-                channels_last=decisions.channels_last, seed=seed)
-    train = SyntheticBatches(steps=steps * args.accum_steps, **make)
-    names = [f"class_{index}" for index in range(num_classes)]
-    val = SyntheticBatches(steps=SYNTHETIC_VAL_STEPS, **make)
-    return Loaders(train, val, names, train.num_images, steps, args.batch_size,
-                   args.batch_size * count, args.accum_steps)
-
-
-def build_loaders(args: argparse.Namespace, spec: ModelSpec, topology: Topology, device: torch.device,
-                  decisions: Decisions, seed: int) -> Loaders:
+def build_data(args: argparse.Namespace, spec: ModelSpec, topology: Topology, device: torch.device,
+               decisions: Decisions, seed: int) -> Loaders:
     """The training and validation batches of this rank, on ``device``."""
-    image_size = args.image_size or spec.preprocess.input_size
-    if args.synthetic:
-        return _synthetic_loaders(args, image_size, device, decisions, seed, topology.process_count)
-    train_set, val_set = build_datasets(_data_root(args, topology), image_size, spec.preprocess,
-                                        strict=args.strict_data, augment=augment_settings(args))
-    global_batch = args.batch_size * topology.process_count
-    if len(train_set) < global_batch * args.accum_steps:
-        raise DatasetError(f"the training set has {len(train_set)} images, fewer than one step "
-                           f"({args.batch_size} per device x {topology.process_count} devices"
-                           f"{f' x {args.accum_steps} accumulated batches' if args.accum_steps > 1 else ''})")
-    workers = args.workers if args.workers is not None else default_workers(topology.local_process_count)
-    train_sampler = TrainSampler(len(train_set), seed, topology.process_rank, topology.process_count)
-    val_sampler = EvalShardSampler(len(val_set), topology.process_rank, topology.process_count)
-    common = dict(workers=workers, channels_last=decisions.channels_last, pin_memory=decisions.pin_memory)
-    train = build_loader(train_set, args.batch_size, train_sampler, train=True, **common)
-    val = build_loader(val_set, args.batch_size, val_sampler, train=False, **common)
-    normalizer = models.Normalizer(spec.preprocess.mean, spec.preprocess.std, device)
-    wrap = dict(device=device, normalizer=normalizer, channels_last=decisions.channels_last,
-                side_stream=decisions.side_stream_prefetch)
-    full_epoch = len(train) // args.accum_steps
-    steps = min(full_epoch, args.max_steps or full_epoch)
-    return Loaders(DeviceLoader(train, **wrap), DeviceLoader(val, **wrap), list(train_set.classes),
-                   len(train_set), steps, args.batch_size, global_batch, args.accum_steps)
+    transfer = DeviceTransfer(device, channels_last=decisions.channels_last, pin_memory=decisions.pin_memory,
+                              side_stream=decisions.side_stream_prefetch)
+    return build_loaders(data_settings(args, spec), spec.preprocess, topology, transfer, seed)
 
 
 def augment_settings(args: argparse.Namespace) -> AugmentSettings:
@@ -327,7 +270,7 @@ def build_run(command: CommandLine, topology: Topology, device: torch.device, ca
     args.seed = agree_on_seed(args.seed)
     decisions = decide(args, caps, topology)
     spec = models.model_spec(args.arch)
-    loaders = build_loaders(args, spec, topology, device, decisions, args.seed)
+    loaders = build_data(args, spec, topology, device, decisions, args.seed)
     num_classes = num_classes_of(args, loaders.class_names)
     built = build_model(args, spec, num_classes, device, decisions, topology,
                         saved.get("model_options", {}) if saved else None)

@@ -11,7 +11,7 @@ with the same crop sampling and the same torch RNG draws, but do less work per i
   uint8 bilinear kernel (the classic pipeline's pixels within 1, ~3x faster than Pillow's
   resize); otherwise crop and resize are one ``Image.resize(..., box=...)`` call;
 * the result stays uint8 (``ToTensor``/``Normalize`` move to the device, see
-  ``training.prefetch.DeviceLoader``), so workers ship 4x fewer bytes.
+  ``training.data.device_loader.DeviceLoader``), so workers ship 4x fewer bytes.
 
 Colour modes: every image comes out RGB. ``L`` and ``RGB`` images are resized as they are
 (resizing ``L`` then replicating it to RGB is exact); every other mode (palette, CMYK,
@@ -302,6 +302,27 @@ class EvalTransform:
 
 
 AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet")
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Training augmentation and evaluation crop; the defaults are the ModelZoo recipes'.
+
+    Attributes:
+        scale, ratio, hflip: RandomResizedCrop's area and aspect ranges, the flip probability.
+        interpolation: the resize filter (None: the model's).
+        crop_pct: evaluation centre crop fraction (None: the model's, 0.875).
+        auto_augment: ``ra``, ``ta_wide``, ``augmix`` or ``imagenet`` (torchvision v2), or None.
+        random_erase: RandomErasing probability.
+    """
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    interpolation: str | None = None
+    crop_pct: float | None = None
+    auto_augment: str | None = None
+    random_erase: float = 0.0
 
 
 def extra_augmentation(auto_augment: str | None, random_erase: float) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from models.preprocess import Normalizer
 from training import device as devices
-from training.data import Batch
+from training.data.imagefolder import Batch
 
 
 class DeviceLoader:

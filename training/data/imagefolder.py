@@ -1,13 +1,10 @@
-"""ImageFolder datasets, samplers and loaders: files to uint8 batches on the host.
+"""The ImageFolder format: scan, dataset, collate and DataLoader, files to uint8 batches on the host.
 
-Workers decode and crop to uint8 (``training.transforms``). The training sampler yields
-``SampleKey``s that carry each sample's augmentation seed, drawn from the run's seed, the
-epoch and the index (``training.seeding``), so the same sample gets the same crop whatever
-worker reads it, and a run resumed in the middle of an epoch (``TrainSampler.skip``) reads
-exactly the rest of that epoch. An unreadable image is replaced by another sample chosen
-from the same seed, so every batch is full and every rank stays in step; its path travels
-with the batch to be counted and logged. ``training.prefetch.DeviceLoader`` moves batches
-to the device.
+Workers decode and crop to uint8 (``training.data.transforms``), each sample with the
+augmentation seed its ``SampleKey`` carries (``training.data.sampling``). An unreadable
+image is replaced by another sample chosen from the same seed, so every batch is full and
+every rank stays in step; its path travels with the batch to be counted and logged.
+``training.data.device_loader.DeviceLoader`` moves batches to the device.
 """
 from __future__ import annotations
 
@@ -16,15 +13,16 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from models.errors import UserError
-from training.seeding import AUGMENTATION, REPLACEMENT, SHUFFLE, derive_seed, seeded_torch
-from training.transforms import EvalTransform, TrainTransform, extra_augmentation
+from training.data.sampling import SampleKey
+from training.data.transforms import AugmentSettings, EvalTransform, TrainTransform, extra_augmentation
+from training.seeding import AUGMENTATION, REPLACEMENT, derive_seed, seeded_torch
 
 if TYPE_CHECKING:
     from models.preprocess import PreprocessConfig
@@ -42,13 +40,6 @@ Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 class DatasetError(UserError):
     """A dataset folder or image that cannot be used; the message names the path."""
-
-
-class SampleKey(NamedTuple):
-    """What the training sampler yields: a dataset index and its augmentation seed."""
-
-    index: int
-    seed: int
 
 
 def find_split_dirs(data_root: str | os.PathLike) -> tuple[Path, Path]:
@@ -169,27 +160,6 @@ class ImageFolderDataset(Dataset):
                 f"images={len(self)}, transform={self.transform!r})")
 
 
-@dataclass(frozen=True)
-class AugmentSettings:
-    """Training augmentation and evaluation crop; the defaults are the ModelZoo recipes'.
-
-    Attributes:
-        scale, ratio, hflip: RandomResizedCrop's area and aspect ranges, the flip probability.
-        interpolation: the resize filter (None: the model's).
-        crop_pct: evaluation centre crop fraction (None: the model's, 0.875).
-        auto_augment: ``ra``, ``ta_wide``, ``augmix`` or ``imagenet`` (torchvision v2), or None.
-        random_erase: RandomErasing probability.
-    """
-
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    interpolation: str | None = None
-    crop_pct: float | None = None
-    auto_augment: str | None = None
-    random_erase: float = 0.0
-
-
 def build_datasets(data_root: str | os.PathLike, image_size: int, preprocess: PreprocessConfig,
                    strict: bool = False,
                    augment: AugmentSettings | None = None) -> tuple[ImageFolderDataset, ImageFolderDataset]:
@@ -246,72 +216,6 @@ class Collate:
 def collate_batch(items: Sequence[tuple[Any, int, str | None]]) -> Batch:
     """``Collate()`` with channels-last memory."""
     return Collate(channels_last=True)(items)
-
-
-# -- samplers -----------------------------------------------------------------------------
-
-class TrainSampler(Sampler[SampleKey]):
-    """This rank's share of a seeded permutation per epoch, with each sample's augmentation seed.
-
-    The permutation of epoch ``e`` is drawn from ``(seed, e)`` and is the same on every rank;
-    its tail is dropped so that it splits evenly, and rank ``r`` takes ``r, r + world, ...``.
-    ``skip(n)`` leaves out the first ``n`` samples of the current epoch (mid-epoch resume).
-    """
-
-    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.num_samples = num_samples
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.skipped = 0
-
-    @property
-    def share(self) -> int:
-        """Samples of one full epoch on this rank."""
-        return self.num_samples // self.world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.skipped = 0
-
-    def skip(self, count: int) -> None:
-        self.skipped = min(count, self.share)
-
-    def _order(self) -> list[int]:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, SHUFFLE, self.epoch))
-        order = torch.randperm(self.num_samples, generator=generator)[: self.share * self.world_size]
-        return order[self.rank::self.world_size].tolist()
-
-    def __iter__(self) -> Iterator[SampleKey]:
-        for index in self._order()[self.skipped:]:
-            yield SampleKey(index, derive_seed(self.seed, AUGMENTATION, self.epoch, index))
-
-    def __len__(self) -> int:
-        return self.share - self.skipped
-
-
-class EvalShardSampler(Sampler[int]):
-    """Rank ``rank`` of ``world_size`` takes indices ``rank, rank + world_size, ...``.
-
-    No padding, no dropping, no shuffling: across ranks every sample is seen exactly
-    once, so summed counts give exact validation accuracy.
-    """
-
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.num_samples = num_samples
-        self.world_size = world_size
-        self.rank = rank
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_samples, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.world_size))
 
 
 # -- loaders ------------------------------------------------------------------------------
