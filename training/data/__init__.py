@@ -145,8 +145,8 @@ def _datasets(settings: DataSettings, preprocess: PreprocessConfig, topology: To
     cache = settings.cache_dir or str(default_cache_dir())
     if shards.is_shard_dataset(root):
         transforms = build_transforms(settings.image_size, preprocess, settings.augment)
-        return shards.build_shard_datasets(root, transforms, settings.strict, train,
-                                           cache_dir=shards.run_cache_dir(cache))
+        run_cache = shards.run_cache_dir(cache) if shards.is_remote(root) else None  # a folder is read in place
+        return shards.build_shard_datasets(root, transforms, settings.strict, train, cache_dir=run_cache)
     return build_datasets(root, settings.image_size, preprocess, strict=settings.strict, augment=settings.augment,
                           train=train, scan=lambda split: index_for_job(split, cache, topology.is_main))
 

@@ -142,12 +142,15 @@ def load_cached_index(root: str | os.PathLike, cache_dir: str | os.PathLike) -> 
         return None
     if not isinstance(saved, dict) or saved.get("format") != INDEX_FORMAT or saved.get("root") != str(root):
         return None
-    folders = saved["folders"]
-    if not _unchanged(folders):
+    try:
+        folders, classes, files = dict(saved["folders"]), list(saved["classes"]), list(saved["files"])
+        if len(files) != len(classes) or not _unchanged(folders):
+            return None
+        prefix = str(root) + os.sep
+        samples = [(prefix + relative, label) for label, names in enumerate(files) for relative in names]
+    except (KeyError, TypeError, ValueError):  # a damaged cache file costs a scan
         return None
-    prefix = str(root) + os.sep
-    samples = [(prefix + relative, label) for label, names in enumerate(saved["files"]) for relative in names]
-    return FolderIndex(saved["classes"], samples, folders)
+    return FolderIndex(classes, samples, folders)
 
 
 def save_index(index: FolderIndex, root: str | os.PathLike, cache_dir: str | os.PathLike,

@@ -115,10 +115,8 @@ class ShardMetadata:
                    int(saved["order_seed"]))
 
 
-def read_metadata(location: str, scratch: str | os.PathLike) -> ShardMetadata:
-    """``location``'s shards.json (downloaded into ``scratch`` from an object store)."""
-    source = _join(location, METADATA_NAME)
-    if is_remote(location):
+def _download_text(source: str, location: str) -> str:
+    with tempfile.TemporaryDirectory(prefix="shards-") as scratch:
         local = Path(scratch) / METADATA_NAME
         try:
             _fs(location).download_file(source, str(local))
@@ -127,7 +125,14 @@ def read_metadata(location: str, scratch: str | os.PathLike) -> ShardMetadata:
         except Exception as error:  # the providers raise their SDK's own errors
             raise ShardError(f"cannot read {source}: {error} (a data set converted by shard_dataset.py? "
                              f"for an S3-compatible store set AWS_ENDPOINT_URL)") from None
-        text = local.read_text()
+        return local.read_text()
+
+
+def read_metadata(location: str) -> ShardMetadata:
+    """``location``'s shards.json."""
+    source = _join(location, METADATA_NAME)
+    if is_remote(location):
+        text = _download_text(source, location)
     else:
         try:
             text = Path(source).read_text()
@@ -203,8 +208,7 @@ def build_shard_datasets(location: str, transforms: Transforms, strict: bool = F
                          cache_dir: str | None = None) -> tuple[ShardDataset | None, ShardDataset]:
     """The training (unless ``train`` is False) and validation sets of a sharded data set."""
     litdata()
-    scratch = cache_dir or tempfile.mkdtemp(prefix="shards-")
-    metadata = read_metadata(location, scratch)
+    metadata = read_metadata(location)
     val = ShardDataset(location, "val", metadata, transforms.eval, strict, cache_dir)
     training = ShardDataset(location, "train", metadata, transforms.train, strict, cache_dir) if train else None
     return training, val
@@ -216,7 +220,11 @@ def run_cache_dir(cache_root: str | os.PathLike) -> str:
     """A cache folder for this process, removed at exit; the folders of processes gone (a crash)
     are removed first, so no run ever reads another's half-written cache or waits on its locks."""
     parent = Path(cache_root) / "shards"
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ShardError(f"cannot make the shard cache folder {parent}: {error.strerror or error} "
+                         f"(set XDG_CACHE_HOME to a writable folder)") from None
     host = socket.gethostname()
     for folder in parent.glob(f"{host}-*"):
         pid = folder.name.rsplit("-", 1)[-1]
