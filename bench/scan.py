@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -35,6 +36,12 @@ from training.data.scan import index_for_job, scan_imagefolder  # noqa: E402
 from training.distributed import Topology  # noqa: E402
 
 MODES = ("every rank scans", "rank 0 scans", "cached index")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def make_tree(root: Path, files: int, classes: int) -> Path:
@@ -97,18 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         past = time.time() - 60  # a tree changed within seconds is never cached (training.data.scan)
         for folder in [split, *split.iterdir()]:
             os.utime(folder, (past, past))
-        rows, port = [], 29650
+        rows = []
         for ranks in [int(value) for value in args.ranks.split(",")]:
             cache = Path(temporary) / f"cache-{ranks}"
             for mode in MODES:
-                port += 1
-                seconds = measure(ranks, split, cache, mode, port)
+                seconds = measure(ranks, split, cache, mode, free_port())
                 listed = args.files * (ranks if mode == MODES[0] else 1 if mode == MODES[1] else 0)
-                rows.append({"ranks": ranks, "mode": mode, "seconds": round(seconds, 3), "files_listed": listed,
+                rows.append({"ranks": ranks, "mode": mode, "seconds": seconds, "files_listed": listed,
                              "folders_checked": args.classes + 1 if mode == MODES[2] else 0})
     headers = ["ranks", "mode", "seconds", "files_listed", "folders_checked"]
     print_table(f"scan time per job: {args.files} files in {args.classes} class folders (made in {made:.1f}s)",
-                headers, [[row[name] for name in headers] for row in rows])
+                headers, [[f"{row[name]:.3f}" if name == "seconds" else row[name] for name in headers] for row in rows])
     if args.json:
         write_json(args.json, {"environment": environment(), "files": args.files, "classes": args.classes,
                                "results": rows})

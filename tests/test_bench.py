@@ -139,3 +139,12 @@ def test_accuracy_tiny(tmp_path, data_dir):
         assert report["summary"][name]["val_acc1"]["n"] == 1
     assert "ema_val_acc1" in report["results"]["ours-ema"][0]
     assert (tmp_path / "runs" / "xception-ours-0" / "metrics.jsonl").is_file()
+
+
+def test_scan_tiny(tmp_path):
+    report = run_script("scan.py", "--files", "300", "--classes", "7", "--ranks", "1,2", "--json",
+                        str(tmp_path / "scan.json"))
+    assert [(row["ranks"], row["mode"]) for row in report["results"]] == [
+        (ranks, mode) for ranks in (1, 2) for mode in ("every rank scans", "rank 0 scans", "cached index")]
+    assert all(positive(row["seconds"]) for row in report["results"])
+    assert [row["files_listed"] for row in report["results"]] == [300, 300, 0, 600, 300, 0]
