@@ -142,9 +142,9 @@ def test_accuracy_tiny(tmp_path, data_dir):
 
 
 def test_scan_tiny(tmp_path):
-    report = run_script("scan.py", "--files", "300", "--classes", "7", "--ranks", "1,2", "--json",
+    report = run_script("scan.py", "--files", "300", "--classes", "7", "--ranks", "2", "--json",
                         str(tmp_path / "scan.json"))
     assert [(row["ranks"], row["mode"]) for row in report["results"]] == [
-        (ranks, mode) for ranks in (1, 2) for mode in ("every rank scans", "rank 0 scans", "cached index")]
+        (2, mode) for mode in ("every rank scans", "rank 0 scans", "cached index")]
     assert all(positive(row["seconds"]) for row in report["results"])
-    assert [row["files_listed"] for row in report["results"]] == [300, 300, 0, 600, 300, 0]
+    assert [row["files_listed"] for row in report["results"]] == [600, 300, 0]
