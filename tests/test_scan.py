@@ -33,6 +33,13 @@ def test_a_symlink_out_of_the_class_folder_is_refused_with_its_name(split):
         scan_imagefolder(split)
 
 
+def test_a_class_folder_linked_to_another_class_is_refused(split):
+    (split / "class_02").symlink_to("class_00", target_is_directory=True)
+    with pytest.raises(DatasetError, match=f"class folders {split / 'class_00'} and {split / 'class_02'} are the "
+                                           f"same folder"):
+        scan_imagefolder(split)
+
+
 def test_links_back_into_the_class_count_each_image_once(split):
     before = counted(split)
     (split / "class_00" / "again").symlink_to(".")  # a loop onto the class folder itself

@@ -9,6 +9,7 @@
   so every image is counted once; a linked folder that leads out of the class folder's real
   tree (``ln -s .. up``) is refused with the link named, since its images would be counted
   under this class and often again under their own;
+* two class folders that are one real folder (a linked class folder) are refused;
 * a folder that cannot be read is an error naming it, never a class "without images".
 
 ``index_for_job`` gives every rank the same ``FolderIndex`` at the cost of one scan per job:
@@ -98,6 +99,17 @@ def _walk_class(folder: Path, folders: dict[str, int]) -> list[str]:
     return sorted(found)
 
 
+def _refuse_shared_class_folders(root: Path, classes: list[str]) -> None:
+    """Two class names for one real folder (a linked class folder) would label its images twice."""
+    seen: dict[str, str] = {}
+    for name in classes:
+        real = os.path.realpath(root / name)
+        if real in seen:
+            raise DatasetError(f"class folders {root / seen[real]} and {root / name} are the same folder ({real}): "
+                               f"its images would be counted under both classes")
+        seen[real] = name
+
+
 def scan_imagefolder(root: str | os.PathLike) -> FolderIndex:
     """Classes (sorted sub-folder names, hidden ones skipped) and ``(path, label)`` samples of
     ``root/<class>/**/<image>``, in sorted path order per class, like torchvision's ImageFolder."""
@@ -108,6 +120,7 @@ def scan_imagefolder(root: str | os.PathLike) -> FolderIndex:
     if not classes:
         raise DatasetError(f"no class folders in {root} (expected {root}/<class>/<image>)")
     folders = {str(root): os.stat(root).st_mtime_ns}
+    _refuse_shared_class_folders(root, classes)
     samples: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
         found = _walk_class(root / name, folders)
