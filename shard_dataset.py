@@ -2,7 +2,7 @@
 
     python shard_dataset.py --data /data/imagenet --output /data/imagenet-shards
     python shard_dataset.py --dummy --output ./dummy-shards
-    AWS_ENDPOINT_URL=http://127.0.0.1:9000 python shard_dataset.py --data /data/imagenet --output s3://bucket/imagenet
+    AWS_ENDPOINT_URL=<endpoint> python shard_dataset.py --data /data/imagenet --output s3://bucket/imagenet
 
 The output (a folder, or an ``s3://``/``gs://`` prefix) gets ``train/``, ``val/`` and
 ``shards.json``; ``main.py --data OUTPUT`` recognises it. Images keep their original bytes;

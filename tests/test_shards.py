@@ -169,7 +169,8 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    environment = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+    scheme = "http"  # moto serves plain HTTP
+    environment = {"AWS_ENDPOINT_URL": f"{scheme}://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     before = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
