@@ -59,33 +59,36 @@ def make_tree(root: Path, files: int, classes: int) -> Path:
     return split
 
 
-def _rank(rank: int, ranks: int, port: int, split: str, cache: str, mode: str, results) -> None:
+def _rank(rank: int, ranks: int, port: int, split: str, cache: str, results) -> None:
+    """One process of the job: every mode in turn, each timed from a barrier to the last rank's end."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     topology = Topology(process_rank=rank, process_count=ranks, local_rank=rank, local_process_count=ranks)
     distributed.init_process_group(topology, "gloo", torch.device("cpu"), 600)
-    distributed.barrier()
-    started = time.perf_counter()
-    if mode == MODES[0]:
-        index = scan_imagefolder(split)
-    else:
-        index = index_for_job(split, cache, topology.is_main)
-    distributed.barrier()
-    results.put((rank, time.perf_counter() - started, len(index.samples)))
+    for mode in MODES:
+        distributed.barrier()
+        started = time.perf_counter()
+        if mode == MODES[0]:
+            index = scan_imagefolder(split)
+        else:
+            index = index_for_job(split, cache, topology.is_main)
+        distributed.barrier()
+        results.put((mode, rank, time.perf_counter() - started, len(index.samples)))
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def measure(ranks: int, split: Path, cache: Path, mode: str, port: int) -> float:
+def measure(ranks: int, split: Path, cache: Path, port: int) -> dict[str, float]:
+    """Seconds per mode: the slowest rank's."""
     context = mp.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=_rank, args=(rank, ranks, port, str(split), str(cache), mode, results))
+    processes = [context.Process(target=_rank, args=(rank, ranks, port, str(split), str(cache), results))
                  for rank in range(ranks)]
     for process in processes:
         process.start()
-    outcome = [results.get(timeout=1800) for _ in processes]
+    outcome = [results.get(timeout=1800) for _ in range(len(processes) * len(MODES))]
     for process in processes:
         process.join()
-    return max(seconds for _, seconds, _ in outcome)
+    return {mode: max(seconds for name, _, seconds, _ in outcome if name == mode) for mode in MODES}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for ranks in [int(value) for value in args.ranks.split(",")]:
             cache = Path(temporary) / f"cache-{ranks}"
-            for mode in MODES:
-                seconds = measure(ranks, split, cache, mode, free_port())
+            timings = measure(ranks, split, cache, free_port())
+            for mode, seconds in timings.items():
                 listed = args.files * (ranks if mode == MODES[0] else 1 if mode == MODES[1] else 0)
                 rows.append({"ranks": ranks, "mode": mode, "seconds": seconds, "files_listed": listed,
                              "folders_checked": args.classes + 1 if mode == MODES[2] else 0})
