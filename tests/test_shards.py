@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from awkward_files import add_awkward_files
-from conftest import REPO, TINY_IMAGE_SIZE, metrics_of, quick_args, run_main
-from processes import finish, launch, main_command, run_to_end, wait_for_line
+from conftest import REPO, metrics_of, quick_args, run_main
+from processes import launch, main_command, run_to_end, wait_for_line
 from training.checkpoint import load_checkpoint
 from training.data import DataSettings, DeviceTransfer, build_loaders
 from training.data.embedded import default_cache_dir, make_imagefolder

@@ -1,7 +1,8 @@
 """The ImageFolder format, and what every format shares: decoding by key, collate, DataLoader.
 
-The folder is indexed by ``training.data.scan``. Workers decode and crop to uint8 (``training.data.transforms``), each sample with the
-augmentation seed its ``SampleKey`` carries (``training.data.sampling``). An unreadable
+The folder is indexed by ``training.data.scan``. Workers decode and crop to uint8
+(``training.data.transforms``), each sample with the augmentation seed its ``SampleKey``
+carries (``training.data.sampling``). An unreadable
 image is replaced by another sample chosen from the same seed, so every batch is full and
 every rank stays in step; its path travels with the batch to be counted and logged.
 ``training.data.device_loader.DeviceLoader`` moves batches to the device.
