@@ -114,7 +114,7 @@ def test_a_tree_changed_within_seconds_is_not_cached(split, tmp_path):
     assert not index_cache_file(split, tmp_path / "cache").exists()
 
 
-def test_a_read_only_cache_folder_costs_a_scan_nothing_more(split, tmp_path):
+def test_a_cache_folder_that_cannot_be_made_costs_a_scan_nothing_more(split, tmp_path):
     settle(split)
     (tmp_path / "cache").write_text("a file where the cache folder should be")
     index = index_for_job(split, tmp_path / "cache", is_main=True)
