@@ -19,6 +19,11 @@ Two measurements, each comparing
 2. loader: ``DataLoader`` throughput with N workers (``--workers 0,1,2``), batches handed
    to the device, after the workers have started.
 
+3. formats: the same images as an ImageFolder and as the sharded format (``shard_dataset.py``,
+   converted once next to the folder): images/s per worker (one thread), the loader at N
+   workers, the time to the first batch, and the resume latency (a fresh loader skipping to an
+   early and to a late step of the epoch, until its first batch).
+
     python bench/input_pipeline.py --data-dir /tmp/bench-data --image-size 299
 """
 from __future__ import annotations
@@ -43,7 +48,8 @@ import models  # noqa: E402
 from bench import common  # noqa: E402
 from bench.reference_transforms import classic_train_transform  # noqa: E402
 from training import device as devices  # noqa: E402
-from training.data.imagefolder import build_datasets, build_loader, collate_batch  # noqa: E402
+from training.data.imagefolder import build_datasets, build_loader, build_transforms, collate_batch  # noqa: E402
+from training.data import shards  # noqa: E402
 from training.data.sampling import SampleKey, TrainSampler  # noqa: E402
 from training.data.transforms import AugmentSettings  # noqa: E402
 from training.data.mixing import build_mixer  # noqa: E402
@@ -287,6 +293,73 @@ def measure_loader(pipes: Pipelines, workers: int, batch_size: int, batches: int
     return result
 
 
+# --- formats: ImageFolder against shards -------------------------------------------------------
+
+def ensure_shards(root: Path) -> Path:
+    """The sharded copy of the JPEG folder, converted once (next to it)."""
+    target = root.parent / f"{root.name}-shards"
+    if not shards.is_shard_dataset(target):
+        shards.convert_imagefolder(root, str(target), seed=SEED, overwrite=True)
+    return target
+
+
+def _time_to_first_batch(make: Callable[[], Iterable]) -> float:
+    started = time.perf_counter()
+    batches = iter(make())
+    next(batches)
+    elapsed = time.perf_counter() - started
+    del batches  # ends the workers
+    return elapsed
+
+
+def measure_formats(root: Path, shard_root: Path, arch: str, image_size: int, images: int, batch_size: int,
+                    rounds: int, workers_list: list[int], loader_batches: int, device: torch.device) -> dict[str, Any]:
+    """Per worker images/s, loader images/s, time to first batch and resume latency, per format."""
+    preprocess = models.preprocess_config(arch)
+    transforms = build_transforms(image_size, preprocess)
+    datasets = {"imagefolder": build_datasets(root, image_size, preprocess)[0],
+                "shards": shards.build_shard_datasets(str(shard_root), transforms)[0]}
+    count = len(datasets["imagefolder"])
+    keys = [SampleKey(index % count, SEED + index) for index in range(images)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        per_worker: dict[str, list[float]] = {name: [] for name in datasets}
+        for dataset in datasets.values():
+            dataset[keys[0]]  # warm-up: the file cache, the chunk reader
+        for round_index in range(rounds):
+            for name in (list(datasets) if round_index % 2 == 0 else list(datasets)[::-1]):
+                dataset = datasets[name]
+                seconds = common.timed(lambda: [collate_batch([dataset[key] for key in keys[start:start + batch_size]])
+                                                for start in range(0, len(keys), batch_size)], device)
+                per_worker[name].append(images / seconds)
+    finally:
+        torch.set_num_threads(threads)
+    steps = count // batch_size
+    result: dict[str, Any] = {name: {"images_per_second_per_worker": common.median(speeds), "loader": []}
+                              for name, speeds in per_worker.items()}
+    for workers in workers_list:
+        for name, dataset in datasets.items():
+            def loader(skip_steps: int = 0) -> DataLoader:
+                sampler = TrainSampler(count, SEED)
+                sampler.skip(skip_steps * batch_size)
+                return build_loader(dataset, batch_size, sampler, train=True, workers=workers)
+
+            first = common.median([_time_to_first_batch(loader) for _ in range(rounds)])
+            early = common.median([_time_to_first_batch(lambda: loader(1)) for _ in range(rounds)])
+            late = common.median([_time_to_first_batch(lambda: loader(steps - 1)) for _ in range(rounds)])
+            stream = _forever(loader())
+            next(stream)  # the workers started
+            started = time.perf_counter()
+            drawn = sum(next(stream)[0].shape[0] for _ in range(loader_batches))
+            speed = drawn / (time.perf_counter() - started)
+            result[name]["loader"].append({"workers": workers, "images_per_second": speed,
+                                           "first_batch_s": first, "resume_step_1_s": early,
+                                           f"resume_step_{steps - 1}_s": late})
+    result["steps_per_epoch"] = steps
+    return result
+
+
 # --- command line ------------------------------------------------------------------------
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -364,12 +437,26 @@ def main(argv: list[str] | None = None) -> int:
         [[str(r["workers"]), f"{r['baseline']['images_per_second']:.1f}", f"{r['ours']['images_per_second']:.1f}",
           f"{r['ratio']:.2f}x", f"{r['peak_tree_pss_bytes'] / common.MIB:.0f}"] for r in loaders])
 
+    shard_root = ensure_shards(root)
+    formats = measure_formats(root, shard_root, args.arch, args.image_size, args.images, args.batch_size, args.rounds,
+                              args.workers, args.loader_batches, device)
+    steps = formats["steps_per_epoch"]
+    common.print_table(
+        f"ImageFolder against shards ({shard_root.name}): per worker (1 thread) and DataLoader, "
+        f"{steps} steps per epoch",
+        ["format", "workers", "img/s per worker", "loader img/s", "first batch s", "resume step 1 s",
+         f"resume step {steps - 1} s"],
+        [[name, str(row["workers"]), f"{formats[name]['images_per_second_per_worker']:.1f}",
+          f"{row['images_per_second']:.1f}", f"{row['first_batch_s']:.3f}", f"{row['resume_step_1_s']:.3f}",
+          f"{row[f'resume_step_{steps - 1}_s']:.3f}"]
+         for name in ("imagefolder", "shards") for row in formats[name]["loader"]])
+
     env["load_average_at_end"] = common.load_average()
     payload = {"benchmark": "input_pipeline", "env": env, "data": {"root": str(root), **stats},
                "settings": {"arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
                             "images": args.images, "rounds": args.rounds, "workers": args.workers,
                             "loader_batches": args.loader_batches, "loader_warmup": args.loader_warmup},
-               "per_process": per_process, "augmentations": augmentations, "loader": loaders,
+               "per_process": per_process, "augmentations": augmentations, "loader": loaders, "formats": formats,
                "process_peak_rss_bytes": common.process_peak_rss(), "seconds": time.perf_counter() - started}
     return common.finish(args.json, payload, env["load_average_at_end"])
 

@@ -29,7 +29,7 @@ declare -A MZ_ALIASES=([train_epochs]=epochs [resume]=resume_pth)
 
 mz_describe() {
     case $1 in
-        data_path) echo "ImageFolder root with train/ and val/ (required)" ;;
+        data_path) echo "ImageFolder root with train/ and val/, or a sharded data set (folder or s3:// URL; required)" ;;
         arch) echo "the network: inception_v3 (default) or xception" ;;
         batch_size)
             if [[ $MZ_LAUNCH == single ]]; then
@@ -143,8 +143,10 @@ mz_absolute() {
 
 mz_check_options() {
     mz_require data_path
-    [[ -d ${MZ_OPT[data_path]} ]] || mz_die "--data_path: no such folder: ${MZ_OPT[data_path]}"
-    MZ_OPT[data_path]=$(mz_absolute "${MZ_OPT[data_path]}")
+    if [[ ${MZ_OPT[data_path]} != *://* ]]; then # an object-store URL (sharded data) is main.py's to check
+        [[ -d ${MZ_OPT[data_path]} ]] || mz_die "--data_path: no such folder: ${MZ_OPT[data_path]}"
+        MZ_OPT[data_path]=$(mz_absolute "${MZ_OPT[data_path]}")
+    fi
     if [[ " $MZ_OPTIONS " == *" resume_pth "* ]]; then
         mz_require resume_pth
         [[ -f ${MZ_OPT[resume_pth]} ]] || mz_die "--resume_pth: no such file: ${MZ_OPT[resume_pth]}"

@@ -102,6 +102,13 @@ def test_input_pipeline_tiny(tmp_path, data_dir):
     for row in report["loader"]:
         assert positive(row["baseline"]["images_per_second"]) and positive(row["ours"]["images_per_second"])
         assert positive(row["ratio"]) and positive(row["peak_tree_pss_bytes"])
+    formats, steps = report["formats"], report["formats"]["steps_per_epoch"]
+    for name in ("imagefolder", "shards"):
+        assert positive(formats[name]["images_per_second_per_worker"])
+        assert [row["workers"] for row in formats[name]["loader"]] == [0, 1]
+        for row in formats[name]["loader"]:
+            assert all(positive(row[key]) for key in ("images_per_second", "first_batch_s", "resume_step_1_s",
+                                                      f"resume_step_{steps - 1}_s"))
     assert positive(report["process_peak_rss_bytes"])
 
 
@@ -132,3 +139,12 @@ def test_accuracy_tiny(tmp_path, data_dir):
         assert report["summary"][name]["val_acc1"]["n"] == 1
     assert "ema_val_acc1" in report["results"]["ours-ema"][0]
     assert (tmp_path / "runs" / "xception-ours-0" / "metrics.jsonl").is_file()
+
+
+def test_scan_tiny(tmp_path):
+    report = run_script("scan.py", "--files", "300", "--classes", "7", "--ranks", "2", "--json",
+                        str(tmp_path / "scan.json"))
+    assert [(row["ranks"], row["mode"]) for row in report["results"]] == [
+        (2, mode) for mode in ("every rank scans", "rank 0 scans", "cached index")]
+    assert all(positive(row["seconds"]) for row in report["results"])
+    assert [row["files_listed"] for row in report["results"]] == [600, 300, 0]

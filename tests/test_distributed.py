@@ -262,3 +262,27 @@ def test_warnings_name_their_rank_and_progress_lines_stay_bare(capsys):
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
     assert capsys.readouterr().out == "[rank 1] replaced unreadable image: x.jpg\n[cpu id: 0 ] * FPS@all 1.000\n"
+
+
+@pytest.mark.slow
+def test_validation_on_shards_is_the_imagefolders_on_1_2_and_3_processes(tiny_data, eval_checkpoint, tmp_path):
+    """The sharded copy of the tiny data: the same counts as the ImageFolder on one process."""
+    from training.data.shards import convert_imagefolder
+
+    shards = tmp_path / "shards"
+    convert_imagefolder(tiny_data, str(shards), chunk_bytes="20KB")
+    extra = ("--num-classes", "10")
+    alone = single_process_evaluation(tiny_data, eval_checkpoint, tmp_path / "folder", "xception", *extra)
+    on_shards = single_process_evaluation(shards, eval_checkpoint, tmp_path / "1", "xception", *extra)
+    assert (on_shards["val_images"], on_shards["val_acc1"], on_shards["val_acc5"]) == \
+        (15, alone["val_acc1"], alone["val_acc5"])
+    for nproc, batch in ((2, 7), (3, 4)):
+        output = tmp_path / str(nproc)
+        command = torchrun_command("-a", "xception", "--data", shards, "--image-size", TINY_IMAGE_SIZE,
+                                   "-b", batch, "-j", "0", "-e", "--resume", eval_checkpoint, "--output_dir", output,
+                                   *extra, nproc=nproc)
+        code, log = run_to_end(command, tmp_path / f"{nproc}.log")
+        assert code == 0, log
+        [record] = metrics_of(output)
+        assert (record["val_images"], record["val_acc1"], record["val_acc5"]) == \
+            (15, alone["val_acc1"], alone["val_acc5"]), (nproc, record)

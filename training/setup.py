@@ -98,17 +98,32 @@ def data_settings(args: argparse.Namespace, spec: ModelSpec) -> DataSettings:
 
 
 def build_data(args: argparse.Namespace, spec: ModelSpec, topology: Topology, device: torch.device,
-               decisions: Decisions, seed: int) -> Loaders:
-    """The training and validation batches of this rank, on ``device``."""
+               decisions: Decisions, seed: int, train: bool = True) -> Loaders:
+    """The training (unless ``train`` is False) and validation batches of this rank, on ``device``."""
     transfer = DeviceTransfer(device, channels_last=decisions.channels_last, pin_memory=decisions.pin_memory,
                               side_stream=decisions.side_stream_prefetch)
-    return build_loaders(data_settings(args, spec), spec.preprocess, topology, transfer, seed)
+    return build_loaders(data_settings(args, spec), spec.preprocess, topology, transfer, seed, train=train)
 
 
 def augment_settings(args: argparse.Namespace) -> AugmentSettings:
     return AugmentSettings(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
                            interpolation=args.interpolation, crop_pct=args.crop_pct, auto_augment=args.auto_augment,
                            random_erase=args.random_erase)
+
+
+def check_evaluated_classes(saved: dict[str, Any] | None, class_names: list[str], data: str | None) -> None:
+    """``-e`` on a checkpoint: its classes must be the validation set's, in the same order (else
+    every image would be scored against another class's output)."""
+    expected, here = list((saved or {}).get("class_names") or []), list(class_names)
+    if not expected or expected == here:
+        return
+    position = next(i for i in range(max(len(expected), len(here)))
+                    if i >= len(expected) or i >= len(here) or expected[i] != here[i])
+    theirs = expected[position] if position < len(expected) else None
+    ours = here[position] if position < len(here) else None
+    raise DatasetError(f"the checkpoint's classes are not those of the validation set in {data or 'the --dummy data'}"
+                       f": class {position} is {theirs!r} in the checkpoint, {ours!r} in the data "
+                       f"({len(expected)} and {len(here)} classes)")
 
 
 def num_classes_of(args: argparse.Namespace, class_names: list[str]) -> int:
@@ -168,9 +183,9 @@ def build_average(args: argparse.Namespace, model: nn.Module) -> ModelEma | NoAv
 
 @dataclass
 class Optimization:
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None when built for evaluation
     precision: Precision
-    schedule: LrSchedule
+    schedule: LrSchedule | None
     settings: OptimizerSettings
     model: nn.Module  # the model apex may have wrapped
 
@@ -191,6 +206,13 @@ def build_optimization(args: argparse.Namespace, model: nn.Module, caps: Capabil
     schedule = LrSchedule(args.lr, args.epochs, args.warm_up_epochs, args.lr_schedule, args.lr_step_epochs,
                           args.lr_gamma)
     return Optimization(optimizer, precision, schedule, settings, model)
+
+
+def build_evaluation(args: argparse.Namespace, model: nn.Module, caps: Capabilities) -> Optimization:
+    """What ``-e`` needs of the optimization: the precision (autocast); no optimizer, no schedule."""
+    precision = build_precision(caps.device_type, amp=args.amp, amp_dtype=args.amp_dtype, opt_level=args.opt_level,
+                                loss_scale=args.loss_scale, use_apex=args.apex)
+    return Optimization(None, precision, None, optimizer_settings(args), model)
 
 
 def _no_buffer_sync_per_forward() -> dict[str, bool]:
@@ -270,18 +292,23 @@ def build_run(command: CommandLine, topology: Topology, device: torch.device, ca
     args.seed = agree_on_seed(args.seed)
     decisions = decide(args, caps, topology)
     spec = models.model_spec(args.arch)
-    loaders = build_data(args, spec, topology, device, decisions, args.seed)
+    loaders = build_data(args, spec, topology, device, decisions, args.seed, train=not args.evaluate)
+    if args.evaluate:
+        check_evaluated_classes(saved, loaders.class_names, args.data)
     num_classes = num_classes_of(args, loaders.class_names)
     built = build_model(args, spec, num_classes, device, decisions, topology,
                         saved.get("model_options", {}) if saved else None)
-    optimization = build_optimization(args, built.model, caps, decisions)
+    # Evaluation builds no optimizer and no weight average: only the precision (autocast).
+    optimization = (build_evaluation(args, built.model, caps) if args.evaluate
+                    else build_optimization(args, built.model, caps, decisions))
     identity = RunIdentity(spec.name, num_classes, loaders.class_names,
                            args.image_size or spec.preprocess.input_size, built.options)
     state = TrainingState(built.model, optimization.optimizer, optimization.precision, optimization.settings,
                           identity, args.seed, loaders.steps_per_epoch,
                           {"world_size": topology.process_count, "batch_size": args.batch_size,
                            "accum_steps": args.accum_steps},
-                          average=build_average(args, built.model), epoch=args.start_epoch)
+                          average=NoAverage() if args.evaluate else build_average(args, built.model),
+                          epoch=args.start_epoch)
     return RunParts(args, decisions, loaders, optimization, state, loop_settings(args, topology, device, decisions),
                     [*decisions.notes, *resolution.notes])
 

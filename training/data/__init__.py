@@ -4,11 +4,15 @@ This ``__init__`` is the seam between the pipeline and the rest of the code. A s
 batches (``BatchSource``) is what the training loop and evaluation iterate: it has a length
 in batches, a ``set_epoch`` (a new shuffle) and a ``skip`` to a sample position of the epoch
 (a mid-epoch resume). ``build_loaders`` turns ``DataSettings`` (filled from the options by
-``training.setup``, the only place that reads them) into this rank's ``Loaders``.
+``training.setup``, the only place that reads them) into this rank's ``Loaders``; with
+``train=False`` (evaluation) it builds the validation batches only and never reads ``train/``.
 
 The modules behind it, one concern each:
 
-* ``imagefolder``: the ImageFolder format (scan, dataset, collate, DataLoader);
+* ``scan``: the images of an ImageFolder split, scanned once per job (a cached index);
+* ``imagefolder``: the ImageFolder format (dataset), and the decoding, collate and DataLoader
+  every format shares;
+* ``shards``: the sharded format (litdata chunks in a folder or an object store);
 * ``sampling``: the seeded training sampler and the exact evaluation sampler;
 * ``transforms``: augmentation settings and the uint8 transforms run in the workers;
 * ``device_loader``: batches to the device one step ahead, normalised there;
@@ -16,13 +20,12 @@ The modules behind it, one concern each:
 * ``embedded``: the generated data set of ``--dummy``;
 * ``mixing``: MixUp/CutMix on the device batch.
 
-A new data format is a module that yields the same batches as ``imagefolder`` does, and one
-branch in ``build_loaders`` (docs/ARCHITECTURE.md, "Where to add").
+A new data format is a ``DecodingDataset`` (``imagefolder``) in its own module, and one branch
+in ``_datasets`` (docs/ARCHITECTURE.md, "Where to add").
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import torch
@@ -30,8 +33,11 @@ import torch
 from models.preprocess import Normalizer
 from training import distributed
 from training.data.device_loader import DeviceLoader
-from training.data.embedded import ensure_dummy_imagefolder
-from training.data.imagefolder import Batch, DatasetError, build_datasets, build_loader, default_workers
+from training.data.embedded import default_cache_dir, ensure_dummy_imagefolder
+from training.data import shards
+from training.data.imagefolder import (Batch, DecodingDataset, build_datasets, build_loader, build_transforms,
+                                       default_workers)
+from training.data.scan import DatasetError, index_for_job
 from training.data.sampling import EvalShardSampler, TrainSampler
 from training.data.synthetic import SYNTHETIC_NUM_CLASSES, SYNTHETIC_STEPS, SYNTHETIC_VAL_STEPS, SyntheticBatches
 from training.data.transforms import AugmentSettings
@@ -64,8 +70,11 @@ class DataSettings:
     """What the input pipeline needs from the options.
 
     Attributes:
-        root: the data set; None means the embedded ``--dummy`` set (made on first use).
+        root: the data set: an ImageFolder, or a sharded data set (a folder or an object-store URL,
+            ``training.data.shards``); None means the embedded ``--dummy`` set (made on first use).
         dummy_dir: where the embedded set is kept (None: the cache folder).
+        cache_dir: where scan indexes and the shard reader's cache of a run are kept (None: the
+            cache folder, ``~/.cache/inception-xception``).
         synthetic: random batches on the device instead of a data set.
         image_size: the training crop (the validation crop too).
         batch_size: per device and batch.
@@ -81,6 +90,7 @@ class DataSettings:
     image_size: int
     batch_size: int
     dummy_dir: str | None = None
+    cache_dir: str | None = None
     synthetic: bool = False
     accum_steps: int = 1
     workers: int | None = None
@@ -102,7 +112,7 @@ class DeviceTransfer:
 
 @dataclass
 class Loaders:
-    train: BatchSource
+    train: BatchSource | None  # None when built for evaluation only
     val: BatchSource
     class_names: list[str]
     train_images: int
@@ -117,15 +127,28 @@ class Loaders:
         return self.batch_size * self.accum_steps
 
 
-def _data_root(settings: DataSettings, topology: Topology) -> Path:
+def _data_root(settings: DataSettings, topology: Topology) -> str:
     if settings.root is not None:
-        return Path(settings.root)
+        return str(settings.root)
     if topology.is_main:
         root = ensure_dummy_imagefolder(settings.dummy_dir)
     distributed.barrier()  # rank 0 made it; the others find it
     if not topology.is_main:
         root = ensure_dummy_imagefolder(settings.dummy_dir)
-    return root
+    return str(root)
+
+
+def _datasets(settings: DataSettings, preprocess: PreprocessConfig, topology: Topology,
+              train: bool) -> tuple[DecodingDataset | None, DecodingDataset]:
+    """This job's datasets, in the format ``settings.root`` holds."""
+    root = _data_root(settings, topology)
+    cache = settings.cache_dir or str(default_cache_dir())
+    if shards.is_shard_dataset(root):
+        transforms = build_transforms(settings.image_size, preprocess, settings.augment)
+        run_cache = shards.run_cache_dir(cache) if shards.is_remote(root) else None  # a folder is read in place
+        return shards.build_shard_datasets(root, transforms, settings.strict, train, cache_dir=run_cache)
+    return build_datasets(root, settings.image_size, preprocess, strict=settings.strict, augment=settings.augment,
+                          train=train, scan=lambda split: index_for_job(split, cache, topology.is_main))
 
 
 def _synthetic_loaders(settings: DataSettings, transfer: DeviceTransfer, seed: int, count: int) -> Loaders:
@@ -141,27 +164,34 @@ def _synthetic_loaders(settings: DataSettings, transfer: DeviceTransfer, seed: i
 
 
 def build_loaders(settings: DataSettings, preprocess: PreprocessConfig, topology: Topology, transfer: DeviceTransfer,
-                  seed: int) -> Loaders:
-    """The training and validation batches of this rank, on ``transfer.device``."""
+                  seed: int, train: bool = True) -> Loaders:
+    """The training and validation batches of this rank, on ``transfer.device``.
+
+    Args:
+        train: also the training batches (False, for evaluation: ``train/`` is not read, and
+            ``Loaders.train`` is None).
+    """
     if settings.synthetic:
         return _synthetic_loaders(settings, transfer, seed, topology.process_count)
-    train_set, val_set = build_datasets(_data_root(settings, topology), settings.image_size, preprocess,
-                                        strict=settings.strict, augment=settings.augment)
+    train_set, val_set = _datasets(settings, preprocess, topology, train)
     global_batch = settings.batch_size * topology.process_count
-    if len(train_set) < global_batch * settings.accum_steps:
-        raise DatasetError(f"the training set has {len(train_set)} images, fewer than one step "
-                           f"({settings.batch_size} per device x {topology.process_count} devices"
-                           f"{f' x {settings.accum_steps} accumulated batches' if settings.accum_steps > 1 else ''})")
     workers = settings.workers if settings.workers is not None else default_workers(topology.local_process_count)
-    train_sampler = TrainSampler(len(train_set), seed, topology.process_rank, topology.process_count)
-    val_sampler = EvalShardSampler(len(val_set), topology.process_rank, topology.process_count)
     common = dict(workers=workers, channels_last=transfer.channels_last, pin_memory=transfer.pin_memory)
-    train = build_loader(train_set, settings.batch_size, train_sampler, train=True, **common)
+    val_sampler = EvalShardSampler(len(val_set), topology.process_rank, topology.process_count)
     val = build_loader(val_set, settings.batch_size, val_sampler, train=False, **common)
     normalizer = Normalizer(preprocess.mean, preprocess.std, transfer.device)
     wrap = dict(device=transfer.device, normalizer=normalizer, channels_last=transfer.channels_last,
                 side_stream=transfer.side_stream)
-    full_epoch = len(train) // settings.accum_steps
+    if train_set is None:
+        return Loaders(None, DeviceLoader(val, **wrap), list(val_set.classes), 0, 0, settings.batch_size,
+                       global_batch, settings.accum_steps)
+    if len(train_set) < global_batch * settings.accum_steps:
+        raise DatasetError(f"the training set has {len(train_set)} images, fewer than one step "
+                           f"({settings.batch_size} per device x {topology.process_count} devices"
+                           f"{f' x {settings.accum_steps} accumulated batches' if settings.accum_steps > 1 else ''})")
+    train_sampler = TrainSampler(len(train_set), seed, topology.process_rank, topology.process_count)
+    train_loader = build_loader(train_set, settings.batch_size, train_sampler, train=True, **common)
+    full_epoch = len(train_loader) // settings.accum_steps
     steps = min(full_epoch, settings.max_steps or full_epoch)
-    return Loaders(DeviceLoader(train, **wrap), DeviceLoader(val, **wrap), list(train_set.classes),
+    return Loaders(DeviceLoader(train_loader, **wrap), DeviceLoader(val, **wrap), list(train_set.classes),
                    len(train_set), steps, settings.batch_size, global_batch, settings.accum_steps)

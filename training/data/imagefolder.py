@@ -1,7 +1,8 @@
-"""The ImageFolder format: scan, dataset, collate and DataLoader, files to uint8 batches on the host.
+"""The ImageFolder format, and what every format shares: decoding by key, collate, DataLoader.
 
-Workers decode and crop to uint8 (``training.data.transforms``), each sample with the
-augmentation seed its ``SampleKey`` carries (``training.data.sampling``). An unreadable
+The folder is indexed by ``training.data.scan``. Workers decode and crop to uint8
+(``training.data.transforms``), each sample with the augmentation seed its ``SampleKey``
+carries (``training.data.sampling``). An unreadable
 image is replaced by another sample chosen from the same seed, so every batch is full and
 every rank stays in step; its path travels with the batch to be counted and logged.
 ``training.data.device_loader.DeviceLoader`` moves batches to the device.
@@ -19,8 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from models.errors import UserError
 from training.data.sampling import SampleKey
+from training.data.scan import DatasetError, FolderIndex, scan_imagefolder
 from training.data.transforms import AugmentSettings, EvalTransform, TrainTransform, extra_augmentation
 from training.seeding import AUGMENTATION, REPLACEMENT, derive_seed, seeded_torch
 
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from models.preprocess import PreprocessConfig
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 MAX_DEFAULT_WORKERS = 8
 MAX_REPLACEMENTS = 16  # unreadable replacements in a row before the data set is declared broken
 # What opening or decoding a broken or truncated image file raises from Pillow
@@ -38,54 +38,21 @@ READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBo
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 
-class DatasetError(UserError):
-    """A dataset folder or image that cannot be used; the message names the path."""
-
-
-def find_split_dirs(data_root: str | os.PathLike) -> tuple[Path, Path]:
-    """``(data_root/train, data_root/val)``, or a DatasetError saying what is missing."""
+def find_split_dirs(data_root: str | os.PathLike, names: Sequence[str] = ("train", "val")) -> tuple[Path, ...]:
+    """``data_root/<name>`` for each of ``names``, or a DatasetError saying what is missing."""
     root = Path(data_root).expanduser()
     if not root.exists():
         raise DatasetError(f"data path not found: {root}")
     if not root.is_dir():
         raise DatasetError(f"data path is not a folder: {root}")
     splits = []
-    for name in ("train", "val"):
+    for name in names:
         folder = root / name
         if not folder.is_dir():
             raise DatasetError(f"no '{name}' folder in {root} "
                                f"(expected {root}/train/<class>/<image> and {root}/val/<class>/<image>)")
         splits.append(folder)
-    return splits[0], splits[1]
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def scan_imagefolder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes (sorted sub-folder names, hidden ones skipped) and ``(path, label)`` samples.
-
-    Images are found recursively under each class folder, in sorted path order, like
-    torchvision's ImageFolder.
-    """
-    if not root.is_dir():
-        raise DatasetError(f"data path not found: {root}")
-    classes = sorted(entry.name for entry in os.scandir(root)
-                     if entry.is_dir() and not entry.name.startswith("."))
-    if not classes:
-        raise DatasetError(f"no class folders in {root} (expected {root}/<class>/<image>)")
-    samples: list[tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            found.extend(os.path.join(dirpath, f) for f in filenames if _is_image(f))
-        if not found:
-            raise DatasetError(f"class folder has no images: {root / name} "
-                               f"(extensions: {' '.join(IMAGE_EXTENSIONS)})")
-        samples.extend((path, label) for path in sorted(found))
-    return classes, samples
+    return tuple(splits)
 
 
 def _decode(transform: Callable, img: Image.Image) -> Any:
@@ -102,38 +69,46 @@ def _finish(transform: Callable, decoded: Any) -> Any:
     return finish(decoded) if finish is not None else transform(decoded)
 
 
-class ImageFolderDataset(Dataset):
-    """``root/<class>/<image>`` images; items are ``(image, label, replaced_path)``.
+class DecodingDataset(Dataset):
+    """Images decoded and transformed by key; items are ``(image, label, replaced_name)``.
+
+    A data format provides ``__len__``, ``name(index)`` (for messages) and ``open_image(index)``
+    (a lazily opened PIL image and its label); decoding, the seeded augmentation and
+    the replacement of unreadable images are the same for every format, so a sample index
+    and seed give the same tensor whatever the format.
 
     The key is an index, or a ``SampleKey`` whose seed makes the augmentation reproducible.
     An image that cannot be opened or decoded is replaced by another sample chosen from
-    the key (``replaced_path`` names the unreadable file, else it is None), or raises
+    the key (``replaced_name`` names the unreadable one, else it is None), or raises
     DatasetError when ``strict``. Errors of the transform itself are bugs and propagate.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Callable[[Image.Image], Any],
-                 strict: bool = False) -> None:
-        self.root = Path(root)
-        self.transform = transform
-        self.strict = strict
-        self.classes, self.samples = scan_imagefolder(self.root)
-        self.targets = [label for _, label in self.samples]
+    transform: Callable[[Image.Image], Any]
+    strict: bool = False
+    classes: list[str]
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def name(self, index: int) -> str:
+        raise NotImplementedError
 
-    def _read(self, index: int, seed: int | None) -> Any:
-        """The decoded sample, or None when its file is unreadable."""
-        path, _ = self.samples[index]
+    def open_image(self, index: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+    def where(self) -> str:
+        """The data set's location, for messages."""
+        raise NotImplementedError
+
+    def _read(self, index: int, seed: int | None) -> tuple[Any, int] | None:
+        """The decoded sample and its label, or None when its image is unreadable."""
         with seeded_torch(seed):
             try:
-                with Image.open(path) as img:
+                img, label = self.open_image(index)
+                with img:
                     decoded = _decode(self.transform, img)
             except READ_ERRORS as error:
                 if self.strict:
-                    raise DatasetError(f"cannot read image {path}: {error}") from error
+                    raise DatasetError(f"cannot read image {self.name(index)}: {error}") from error
                 return None
-            return _finish(self.transform, decoded)
+            return _finish(self.transform, decoded), label
 
     def _replacement(self, key: int | SampleKey, attempt: int) -> tuple[int, int | None]:
         if isinstance(key, SampleKey):
@@ -143,42 +118,97 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, key: int | SampleKey) -> tuple[Any, int, str | None]:
         index, seed = (key.index, key.seed) if isinstance(key, SampleKey) else (int(key), None)
-        image = self._read(index, seed)
-        if image is not None:
-            return image, self.samples[index][1], None
-        unreadable = self.samples[index][0]
+        sample = self._read(index, seed)
+        if sample is not None:
+            return (*sample, None)
+        unreadable = self.name(index)
         for attempt in range(MAX_REPLACEMENTS):
             index, seed = self._replacement(key, attempt)
-            image = self._read(index, seed)
-            if image is not None:
-                return image, self.samples[index][1], unreadable
+            sample = self._read(index, seed)
+            if sample is not None:
+                return (*sample, unreadable)
         raise DatasetError(f"cannot read image {unreadable}, nor {MAX_REPLACEMENTS} replacements for it: "
-                           f"is the data set under {self.root} readable?")
+                           f"is the data set {self.where()} readable?")
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(root={str(self.root)!r}, classes={len(self.classes)}, "
+        return (f"{type(self).__name__}({self.where()}, classes={len(self.classes)}, "
                 f"images={len(self)}, transform={self.transform!r})")
 
 
-def build_datasets(data_root: str | os.PathLike, image_size: int, preprocess: PreprocessConfig,
-                   strict: bool = False,
-                   augment: AugmentSettings | None = None) -> tuple[ImageFolderDataset, ImageFolderDataset]:
-    """Train and val datasets under ``data_root`` with the model's crop, resize and filter."""
+class ImageFolderDataset(DecodingDataset):
+    """``root/<class>/<image>`` images (``training.data.scan`` finds them, or ``index`` lists them)."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable[[Image.Image], Any],
+                 strict: bool = False, index: FolderIndex | None = None) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        self.strict = strict
+        index = index if index is not None else scan_imagefolder(self.root)
+        self.classes, self.samples = index.classes, index.samples
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def name(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def open_image(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        return Image.open(path), label
+
+    def where(self) -> str:
+        return f"under {self.root}"
+
+
+@dataclass(frozen=True)
+class Transforms:
+    """The training transform and the evaluation transform of a run."""
+
+    train: Callable[[Image.Image], Any]
+    eval: Callable[[Image.Image], Any]
+
+
+def build_transforms(image_size: int, preprocess: PreprocessConfig,
+                     augment: AugmentSettings | None = None) -> Transforms:
+    """The model's crop, resize and filter, with the augmentation of ``augment``."""
     augment = augment or AugmentSettings()
     interpolation = augment.interpolation or preprocess.interpolation
     evaluation = dataclasses.replace(preprocess, crop_pct=augment.crop_pct) if augment.crop_pct else preprocess
-    eval_resize = evaluation.eval_resize(image_size)
+    train = TrainTransform(image_size, interpolation, augment.scale, augment.ratio, augment.hflip,
+                           extra=extra_augmentation(augment.auto_augment, augment.random_erase))
+    return Transforms(train, EvalTransform(image_size, evaluation.eval_resize(image_size), interpolation))
+
+
+def check_same_classes(train: list[str], val: list[str], train_where: object, val_where: object) -> None:
+    """A DatasetError when the training and validation class lists differ."""
+    if train != val:
+        only_train = sorted(set(train) - set(val))
+        only_val = sorted(set(val) - set(train))
+        detail = (f"only in train: {_first(only_train)}; only in val: {_first(only_val)}" if only_train or only_val
+                  else "the same names in another order")
+        raise DatasetError(f"class folders differ between {train_where} and {val_where}: {detail}")
+
+
+def build_datasets(data_root: str | os.PathLike, image_size: int, preprocess: PreprocessConfig,
+                   strict: bool = False, augment: AugmentSettings | None = None, train: bool = True,
+                   scan: Callable[[Path], FolderIndex] = scan_imagefolder,
+                   ) -> tuple[ImageFolderDataset | None, ImageFolderDataset]:
+    """Train and val datasets under ``data_root`` with the model's crop, resize and filter.
+
+    Args:
+        train: also the training set (False: ``train/`` is never read, the train set is None).
+        scan: how a split is indexed (``training.data.scan.index_for_job`` in a job).
+    """
+    transforms = build_transforms(image_size, preprocess, augment)
+    if not train:
+        val_dir, = find_split_dirs(data_root, ("val",))
+        return None, ImageFolderDataset(val_dir, transforms.eval, strict, index=scan(val_dir))
     train_dir, val_dir = find_split_dirs(data_root)
-    train_transform = TrainTransform(image_size, interpolation, augment.scale, augment.ratio, augment.hflip,
-                                     extra=extra_augmentation(augment.auto_augment, augment.random_erase))
-    train = ImageFolderDataset(train_dir, train_transform, strict)
-    val = ImageFolderDataset(val_dir, EvalTransform(image_size, eval_resize, interpolation), strict)
-    if train.classes != val.classes:
-        only_train = sorted(set(train.classes) - set(val.classes))
-        only_val = sorted(set(val.classes) - set(train.classes))
-        raise DatasetError(f"class folders differ between {train_dir} and {val_dir}: "
-                           f"only in train: {_first(only_train)}; only in val: {_first(only_val)}")
-    return train, val
+    train_set = ImageFolderDataset(train_dir, transforms.train, strict, index=scan(train_dir))
+    val = ImageFolderDataset(val_dir, transforms.eval, strict, index=scan(val_dir))
+    check_same_classes(train_set.classes, val.classes, train_dir, val_dir)
+    return train_set, val
 
 
 def _first(names: Sequence[str], limit: int = 5) -> str:
