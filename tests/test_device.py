@@ -13,13 +13,14 @@ import torch
 
 import models
 from conftest import REPO, TINY_IMAGE_SIZE
+from torch_npu_scaler import TorchNpuStyleScaler
 from training import device as devices
 from training import distributed
 from training.config import resolve_options
 from training.device import CAPABILITIES, HCCL_DTYPES, DeviceError
 from training.distributed import CollectiveDtypeError, Topology
 from training.options import parse_command_line
-from training.precision import Precision, adapt_scaler_state, build_precision
+from training.precision import ScaledFp16, adapt_scaler_state, build_precision
 from training.setup import SetupError, build_data, build_model, decide
 
 NPU = CAPABILITIES["npu"]
@@ -183,28 +184,14 @@ def test_gpu_means_cuda():
 
 # -- loss-scaler states across devices -----------------------------------------------------------
 
-class NpuStyleScaler(torch.amp.GradScaler):
-    """torch_npu's GradScaler state format: torch's plus ``dynamic``, required on load."""
-
-    def __init__(self, **kwargs):
-        super().__init__("cpu", **kwargs)
-
-    def state_dict(self):
-        return {**super().state_dict(), "dynamic": True}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.dynamic = state["dynamic"]  # KeyError on a CUDA or CPU file, as torch_npu's does
-
-
 def test_scaler_states_load_across_formats():
     cuda_style = torch.amp.GradScaler("cpu", init_scale=512.0).state_dict()
     with pytest.raises(KeyError):
-        NpuStyleScaler().load_state_dict(cuda_style)  # what a GPU checkpoint does to torch_npu
-    npu = Precision("fp16", scaler=NpuStyleScaler(), dynamic_scale=True)
+        TorchNpuStyleScaler().load_state_dict(cuda_style)  # what a GPU checkpoint does to torch_npu
+    npu = ScaledFp16("cpu", TorchNpuStyleScaler())
     npu.load_state_dict(cuda_style)
-    assert npu.scaler.dynamic is True and npu.scaler.get_scale() == 512.0
-    plain = Precision("fp16", scaler=torch.amp.GradScaler("cpu"), dynamic_scale=True)
+    assert npu.scaler._dynamic is True and npu.scaler.get_scale() == 512.0
+    plain = ScaledFp16("cpu", torch.amp.GradScaler("cpu"))
     plain.load_state_dict(npu.state_dict())  # and back: the NPU file on a GPU or CPU
     assert plain.scaler.get_scale() == 512.0
 
@@ -213,11 +200,11 @@ def test_a_static_scale_keeps_this_runs_value():
     saved = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
              "_growth_tracker": 3, "dynamic": True}
     adapted = adapt_scaler_state(saved, ("scale", "growth_factor", "backoff_factor", "growth_interval",
-                                         "_growth_tracker"), dynamic=False, static_scale=128.0)
+                                         "_growth_tracker"), static_scale=128.0)
     assert adapted["scale"] == 128.0 and "dynamic" not in adapted
     precision = build_precision("cpu", amp=True, amp_dtype="float16", loss_scale="128")
     precision.load_state_dict(saved)
-    assert precision.scaler.get_scale() == 128.0 and precision.state_dict()["dynamic"] is False
+    assert precision.scaler.get_scale() == 128.0 and precision.state_dict()["dynamic"] is True
 
 
 # -- collectives as strict as HCCL ----------------------------------------------------------------
