@@ -27,7 +27,7 @@ from models.pretrained import published_weights_file
 from models.registry import ModelSpec
 from training import distributed
 from training.data import AugmentSettings, DataSettings, DatasetError, DeviceTransfer, Loaders, build_loaders
-from training.device import Capabilities, pin_memory_options
+from training.device import Capabilities, compile_backend, pin_memory_options
 from training.distributed import Topology
 from training.averaging import ModelEma, NoAverage
 from training.data.mixing import build_mixer
@@ -67,15 +67,16 @@ def decide(args: argparse.Namespace, caps: Capabilities, topology: Topology) -> 
     if args.channels_last and not caps.channels_last:
         notes.append(f"channels_last is off on {caps.device_type}: its tensors accept the contiguous "
                      f"memory format only")
-    if args.compile and caps.compile_backend is None:
-        raise SetupError(f"--compile on {caps.device_type}: {caps.compile_refusal}")
+    backend, refusal = compile_backend(caps) if args.compile else (None, "")
+    if args.compile and backend is None:
+        raise SetupError(f"--compile on {caps.device_type}: {refusal}")
     if args.sync_bn and topology.distributed and not caps.sync_batchnorm:
         raise SetupError(f"--sync-bn needs GPUs or NPUs: torch's SyncBatchNorm has no {caps.device_type} "
                          f"implementation; leave --sync-bn out to normalise each device's batch on its own")
     if args.npu_fused_sgd and not caps.vendor_fused_sgd:
         raise SetupError(f"--npu-fused-sgd needs an NPU (torch_npu's NpuFusedSGD); this run is on {caps.device_type}")
     return Decisions(channels_last=args.channels_last and caps.channels_last,
-                     compile_backend=caps.compile_backend if args.compile else None,
+                     compile_backend=backend,
                      pin_memory=pin_memory_options(caps), side_stream_prefetch=caps.side_stream_prefetch,
                      vendor_fused_sgd=args.npu_fused_sgd, notes=tuple(notes))
 
