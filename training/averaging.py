@@ -58,7 +58,8 @@ class ModelEma:
         Args:
             applied: the precision's answer to whether the optimizer step ran (a 0-dim device
                 tensor, 1 or 0; None: it always runs). A skipped step leaves the average as it
-                is: its weight is multiplied by ``applied`` on the device, never read here.
+                is: its weight is multiplied by ``applied`` on the device, never read here
+                (at the cost of a temporary the size of the weights: their difference).
         """
         averaged, averaged_integers = _split(self.module)
         current, current_integers = _split(model)
