@@ -10,8 +10,9 @@ For each architecture it builds, in one process:
   builds for the same flags (``ours`` = no flags, ``ours-amp`` = ``--amp``,
   ``ours-nchw`` = ``--no-channels-last``, ``-compile`` adds ``--compile``), through the
   public building steps main.py uses (``training.setup``: ``decide``, ``build_model``,
-  ``build_optimization``, ``wrap_for_training``; then ``train_one_epoch``), so the
-  benchmark measures the real configuration.
+  ``choose_precision``, ``build_optimization``, ``prepare_for_precision``,
+  ``wrap_for_training``; then ``train_one_epoch``), so the benchmark measures the real
+  configuration.
 
 After warm-up, rounds alternate between the configurations (the order rotates each round)
 and each round times ``--steps`` steps; images/s is the median over rounds. FLOPs per image
@@ -48,7 +49,8 @@ from training.options import parse_command_line  # noqa: E402
 from training.precision import resolve_dtype  # noqa: E402
 from training.recipes import recipe_for  # noqa: E402
 from training.schedule import LrSchedule  # noqa: E402
-from training.setup import agree_on_seed, build_model, build_optimization, decide, wrap_for_training  # noqa: E402
+from training.setup import (agree_on_seed, build_model, build_optimization, choose_precision, decide,  # noqa: E402
+                            prepare_for_precision, wrap_for_training)
 from training.data.synthetic import SYNTHETIC_NUM_CLASSES, SyntheticBatches  # noqa: E402
 
 # main.py flags behind each configuration name (any name: "ours" + "-amp", "-nchw", "-compile").
@@ -153,8 +155,9 @@ def build_ours(name: str, arch: str, image_size: int, batch_size: int, device: t
     caps, topology = devices.capabilities(device.type), Topology()
     decisions = decide(args, caps, topology)
     built = build_model(args, models.model_spec(arch), SYNTHETIC_NUM_CLASSES, device, decisions, topology)
-    optimization = build_optimization(args, built.model, caps, decisions)
-    optimizer, precision = optimization.optimizer, optimization.precision
+    precision = choose_precision(args, caps)
+    optimization = prepare_for_precision(build_optimization(args, built.model, caps, decisions), precision)
+    optimizer = optimization.optimizer
     # A schedule long enough that the learning rate stays near its peak while we measure.
     schedule = LrSchedule(args.lr, epochs=1000, warmup_epochs=args.warm_up_epochs, kind=args.lr_schedule)
     trained = wrap_for_training(optimization.model, topology, device, decisions.compile_backend)

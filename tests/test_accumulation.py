@@ -7,7 +7,7 @@ from torch import nn
 
 from conftest import metrics_of, quick_args, run_main, step_records
 from training.engine import EpochPosition, LoopSettings, StepParts, TrainingLoss, train_one_epoch
-from training.precision import Precision
+from training.precision import FullPrecision
 from training.schedule import LrSchedule
 
 TOLERANCE = 1e-6  # float32 sums in another order: the same update up to rounding
@@ -21,7 +21,7 @@ def _one_step(batches: list, accum_steps: int) -> dict[str, torch.Tensor]:
     settings = LoopSettings(device=torch.device("cpu"), print_freq=100, fps_warmup_steps=0, show_progress=False,
                             progress="lines")
     train_one_epoch(model, batches, TrainingLoss(label_smoothing=0.1), optimizer, LrSchedule(0.1, epochs=1),
-                    Precision("fp32"), EpochPosition(epoch=0, steps=1), settings,
+                    FullPrecision(), EpochPosition(epoch=0, steps=1), settings,
                     parts=StepParts(accum_steps=accum_steps))
     return {key: value.clone() for key, value in model.state_dict().items()}
 

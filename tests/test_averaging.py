@@ -1,13 +1,19 @@
 """Model EMA: validated every epoch next to the raw weights, saved and resumed bit for bit,
-used by -e, demo and export unless asked not to; model_best follows the better of the two."""
+used by -e, demo and export unless asked not to; model_best follows the better of the two. The
+update copies integer buffers and leaves out the steps the loss scaler skipped."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from conftest import metrics_of, quick_args, run_main
 from models.loading import EMA_KEY, load_for_inference
+from training.averaging import ModelEma
 from training.checkpoint import load_checkpoint
+from training.engine import EpochPosition, LoopSettings, StepParts, TrainingLoss, train_one_epoch
+from training.precision import FullPrecision, build_precision
 from training.run import best_of
+from training.schedule import LrSchedule
 
 # A constant learning rate: a 1-epoch run is the first half of a 2-epoch one.
 EMA = ("--model-ema", "--model-ema-decay", "0.9", "--model-ema-warmup", "--max-steps", "2", "--image-size", "48",
@@ -49,3 +55,55 @@ def test_the_best_checkpoint_follows_the_better_weights():
     assert best_of({"val_acc1": 40.0, "ema_val_acc1": 55.0}) == (55.0, "ema")
     assert best_of({"val_acc1": 60.0, "ema_val_acc1": 55.0}) == (60.0, "model")
     assert best_of({"val_acc1": 60.0}) == (60.0, "model")
+
+
+# -- the update itself, on a tiny model trained by the real loop ------------------------------------
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def train(model: nn.Module, average: ModelEma, precision, steps: int) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 8, 8, generator=generator), torch.arange(4) % 3, []) for _ in range(steps)]
+    settings = LoopSettings(device=torch.device("cpu"), print_freq=100, fps_warmup_steps=0, show_progress=False,
+                            progress="lines")
+    return train_one_epoch(model, batches, TrainingLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+                           LrSchedule(0.1, epochs=1), precision, EpochPosition(epoch=0, steps=steps), settings,
+                           parts=StepParts(average=average, averaged_model=model))
+
+
+def test_integer_buffers_are_copied_not_averaged():
+    model = tiny_model()
+    average = ModelEma(model, decay=0.9)
+    train(model, average, FullPrecision(), steps=3)
+    assert model[1].num_batches_tracked.item() == average.module[1].num_batches_tracked.item() == 3
+
+
+def test_a_step_the_scaler_skipped_leaves_the_average_alone():
+    """A scale this large overflows every fp16 gradient, so every step is skipped; their forwards
+    still moved the model's BatchNorm statistics, which the average must not take."""
+    model = tiny_model()
+    average = ModelEma(model, decay=0.9)
+    initial = {key: value.clone() for key, value in average.module.state_dict().items()}
+    record = train(model, average, build_precision("cpu", amp=True, amp_dtype="float16", loss_scale="1e30"), steps=2)
+    assert record["skipped_steps"] == 2 and average.updates == 2
+    assert not torch.equal(model[1].running_mean, initial["1.running_mean"])
+    for key, value in average.module.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, initial[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_step_that_ran_is_averaged_as_without_a_scaler():
+    model = tiny_model()
+    plain, gated = ModelEma(model, decay=0.9, warmup=True), ModelEma(model, decay=0.9, warmup=True)
+    for _ in range(3):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+            model(torch.randn(4, 3, 8, 8))  # training mode: the BatchNorm statistics move too
+        plain.update(model)
+        gated.update(model, applied=torch.tensor(1.0))
+    for key, value in plain.module.state_dict().items():
+        torch.testing.assert_close(gated.module.state_dict()[key], value, msg=key)

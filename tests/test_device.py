@@ -10,16 +10,20 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 from conftest import REPO, TINY_IMAGE_SIZE
+from models.preprocess import Normalizer
+from torch_npu_scaler import TorchNpuStyleScaler
 from training import device as devices
 from training import distributed
 from training.config import resolve_options
+from training.data.device_loader import DeviceLoader
 from training.device import CAPABILITIES, HCCL_DTYPES, DeviceError
 from training.distributed import CollectiveDtypeError, Topology
 from training.options import parse_command_line
-from training.precision import Precision, adapt_scaler_state, build_precision
+from training.precision import ScaledFp16, adapt_scaler_state, build_precision
 from training.setup import SetupError, build_data, build_model, decide
 
 NPU = CAPABILITIES["npu"]
@@ -89,10 +93,11 @@ def test_npu_turns_channels_last_off_and_says_so():
 
 
 def test_npu_refuses_compile_without_a_backend_and_fused_sgd_elsewhere():
-    no_backend = replace(NPU, compile_backend=None, compile_refusal="torch_npu 2.5.1 has no torch.compile backend")
+    no_backend = replace(NPU, compile_backend=None, compile_refusal="torch_npu 2.5.1 has no torch.compile backend",
+                         compile_backend_from_install=False)
     with pytest.raises(SetupError, match="--compile on npu: torch_npu 2.5.1 has no torch.compile backend"):
         decide(resolved("--dummy", "--compile"), no_backend, Topology())
-    with_torchair = replace(NPU, compile_backend="npu")
+    with_torchair = replace(NPU, compile_backend="npu", compile_backend_from_install=False)
     assert decide(resolved("--dummy", "--compile"), with_torchair, Topology()).compile_backend == "npu"
     with pytest.raises(SetupError, match="--npu-fused-sgd needs an NPU"):
         decide(resolved("--dummy", "--npu-fused-sgd"), CAPABILITIES["cpu"], Topology())
@@ -173,6 +178,33 @@ def test_an_autoloaded_torch_npu_is_used(tmp_path, monkeypatch, fresh_plugin_sta
     assert devices.import_torch_npu() is loaded
 
 
+class Lookups:
+    """A finder that notes every top-level module looked up, and finds nothing itself."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        self.names.append(name)
+        return None
+
+
+def test_torchair_is_imported_for_compile_only(tmp_path, monkeypatch, fresh_plugin_state):
+    """A broken torchair stops a --compile run with one line, and no other run looks it up."""
+    plugins = _fake_plugin(tmp_path, "__version__ = '2.5.1'")
+    (plugins / "torchair").mkdir()
+    (plugins / "torchair" / "__init__.py").write_text("raise ImportError('libge_runner.so: cannot open shared object')")
+    monkeypatch.syspath_prepend(str(plugins))
+    monkeypatch.delitem(sys.modules, "torchair", raising=False)
+    lookups = Lookups()
+    monkeypatch.setattr(sys, "meta_path", [lookups, *sys.meta_path])
+    caps = devices.capabilities("npu")
+    assert decide(resolved("--dummy"), caps, Topology()).compile_backend is None
+    assert "torchair" not in lookups.names
+    with pytest.raises(DeviceError, match="^torchair is installed but cannot be imported: ImportError: libge_runner"):
+        decide(resolved("--dummy", "--compile"), caps, Topology())
+
+
 def test_gpu_means_cuda():
     assert devices.canonical_type("gpu") == "cuda"
     assert parse_command_line(["--dummy", "--device", "gpu"]).args.device == "cuda"
@@ -183,28 +215,14 @@ def test_gpu_means_cuda():
 
 # -- loss-scaler states across devices -----------------------------------------------------------
 
-class NpuStyleScaler(torch.amp.GradScaler):
-    """torch_npu's GradScaler state format: torch's plus ``dynamic``, required on load."""
-
-    def __init__(self, **kwargs):
-        super().__init__("cpu", **kwargs)
-
-    def state_dict(self):
-        return {**super().state_dict(), "dynamic": True}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.dynamic = state["dynamic"]  # KeyError on a CUDA or CPU file, as torch_npu's does
-
-
 def test_scaler_states_load_across_formats():
     cuda_style = torch.amp.GradScaler("cpu", init_scale=512.0).state_dict()
     with pytest.raises(KeyError):
-        NpuStyleScaler().load_state_dict(cuda_style)  # what a GPU checkpoint does to torch_npu
-    npu = Precision("fp16", scaler=NpuStyleScaler(), dynamic_scale=True)
+        TorchNpuStyleScaler().load_state_dict(cuda_style)  # what a GPU checkpoint does to torch_npu
+    npu = ScaledFp16("cpu", TorchNpuStyleScaler())
     npu.load_state_dict(cuda_style)
-    assert npu.scaler.dynamic is True and npu.scaler.get_scale() == 512.0
-    plain = Precision("fp16", scaler=torch.amp.GradScaler("cpu"), dynamic_scale=True)
+    assert npu.scaler._dynamic is True and npu.scaler.get_scale() == 512.0
+    plain = ScaledFp16("cpu", torch.amp.GradScaler("cpu"))
     plain.load_state_dict(npu.state_dict())  # and back: the NPU file on a GPU or CPU
     assert plain.scaler.get_scale() == 512.0
 
@@ -213,11 +231,39 @@ def test_a_static_scale_keeps_this_runs_value():
     saved = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
              "_growth_tracker": 3, "dynamic": True}
     adapted = adapt_scaler_state(saved, ("scale", "growth_factor", "backoff_factor", "growth_interval",
-                                         "_growth_tracker"), dynamic=False, static_scale=128.0)
+                                         "_growth_tracker"), static_scale=128.0)
     assert adapted["scale"] == 128.0 and "dynamic" not in adapted
     precision = build_precision("cpu", amp=True, amp_dtype="float16", loss_scale="128")
     precision.load_state_dict(saved)
-    assert precision.scaler.get_scale() == 128.0 and precision.state_dict()["dynamic"] is False
+    assert precision.scaler.get_scale() == 128.0 and precision.state_dict()["dynamic"] is True
+
+
+# -- copies to the device ------------------------------------------------------------------------
+
+class CopyFlags(TorchDispatchMode):
+    """The ``non_blocking`` flag of every copy to another device."""
+
+    def __init__(self):
+        super().__init__()
+        self.non_blocking: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("device", args[0].device) != args[0].device:
+            self.non_blocking.append(kwargs.get("non_blocking", False))
+        return func(*args, **kwargs)
+
+
+def test_batches_from_pageable_memory_are_copied_blocking():
+    """MPS has no pinned memory, and a non-blocking copy from pageable memory can hand it a
+    corrupted batch. (The meta device stands in for the accelerator: the copy is dispatched,
+    its flag recorded.)"""
+    batch = (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), [])
+    loader = DeviceLoader([batch, batch], "meta", Normalizer((0.5,) * 3, (0.5,) * 3, "meta"), channels_last=False)
+    with CopyFlags() as copies:
+        images = [images for images, _, _ in loader]
+    assert images[0].device.type == "meta"
+    assert copies.non_blocking == [False] * 4
 
 
 # -- collectives as strict as HCCL ----------------------------------------------------------------

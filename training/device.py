@@ -22,7 +22,7 @@ import importlib.util
 import logging
 import re
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ContextManager
 
@@ -59,6 +59,8 @@ class Capabilities:
         vendor_fused_sgd: the vendor's fused SGD (``torch_npu.optim.NpuFusedSGD``) exists.
         compile_backend: the ``torch.compile`` backend, or None when ``--compile`` is refused.
         compile_refusal: why ``--compile`` is refused, when it is.
+        compile_backend_from_install: the backend depends on the installed plug-ins (the NPU's:
+            torchair, Triton-Ascend): ``compile_backend()`` looks, for ``--compile`` only.
         pin_memory_device: the device string for pinned host memory, or None: no pinning.
         side_stream_prefetch: copy the next batch on a side stream while the current one runs.
         sync_batchnorm: torch's SyncBatchNorm runs on it.
@@ -77,15 +79,16 @@ class Capabilities:
     side_stream_prefetch: bool
     sync_batchnorm: bool
     default_amp_dtype: torch.dtype
+    compile_backend_from_install: bool = False
 
 
 CAPABILITIES = {
     # torch_npu rejects channels-last tensors in `to`/`contiguous` ("Only contiguous_format or
-    # preserve_format is supported"). Its compile backend depends on the install (npu_capabilities).
+    # preserve_format is supported"). Its compile backend depends on the install (compile_backend).
     "npu": Capabilities("npu", "hccl", channels_last=False, collective_dtypes=HCCL_DTYPES, optimizer_kernel="auto",
-                        vendor_fused_sgd=True, compile_backend=None, compile_refusal="decided at run time",
+                        vendor_fused_sgd=True, compile_backend=None, compile_refusal="",
                         pin_memory_device="npu", side_stream_prefetch=False, sync_batchnorm=True,
-                        default_amp_dtype=torch.float16),
+                        default_amp_dtype=torch.float16, compile_backend_from_install=True),
     "cuda": Capabilities("cuda", "nccl", channels_last=True, collective_dtypes=None, optimizer_kernel="fused",
                          vendor_fused_sgd=False, compile_backend="inductor", compile_refusal="",
                          pin_memory_device="cuda", side_stream_prefetch=True, sync_batchnorm=True,
@@ -149,14 +152,23 @@ def _installed(name: str) -> bool:
 
 
 def capabilities(device_type: str) -> Capabilities:
-    """The capability row of ``device_type``, completed with what this install has."""
-    row = CAPABILITIES[device_type]
-    if device_type != "npu":
-        return row
+    """The capability row of ``device_type``."""
+    return CAPABILITIES[device_type]
+
+
+def compile_backend(caps: Capabilities) -> tuple[str | None, str]:
+    """``caps``'s ``torch.compile`` backend, or (None, why not); asked for ``--compile`` only.
+
+    On an NPU the answer depends on the install, and torchair is imported to give it: only
+    here, so a run without ``--compile`` never looks torchair up, and a broken torchair stops
+    a ``--compile`` run with one error line (DeviceError) before training, not with a
+    traceback from its first compiled step.
+    """
+    if not caps.compile_backend_from_install:
+        return caps.compile_backend, caps.compile_refusal
     plugin = import_torch_npu()
     version = getattr(plugin, "__version__", "0") if plugin is not None else "0"
-    backend, refusal = npu_compile_backend(version, _installed("torchair"), _installed("triton"))
-    return replace(row, compile_backend=backend, compile_refusal=refusal)
+    return npu_compile_backend(version, _import_plugin("torchair") is not None, _installed("triton"))
 
 
 # -- choosing and binding the device --------------------------------------------------------

@@ -197,8 +197,8 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable, optimizer:
         if settings.clip_grad:
             precision.unscale(optimizer)
             nn.utils.clip_grad_norm_(precision.clip_parameters(model, optimizer), settings.clip_grad)
-        precision.step(optimizer)
-        parts.average.update(parts.averaged_model)
+        applied = precision.step(optimizer)
+        parts.average.update(parts.averaged_model, applied)
         throughput.step_done(offset, done)
         if (step + 1) % settings.print_freq == 0 or step + 1 == steps:
             _check_finite(unchecked, first_unchecked, epoch)

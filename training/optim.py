@@ -3,7 +3,8 @@ decay on BatchNorm and biases.
 
 The kernel follows the device's capability row: torch's fused kernel where the device has
 one (SGD and AdamW on CUDA), the multi-tensor (foreach) one elsewhere, or torch_npu's
-``NpuFusedSGD`` on an NPU when asked (``--npu-fused-sgd``).
+``NpuFusedSGD`` on an NPU when asked (``--npu-fused-sgd``). A resumed optimizer keeps this
+run's kernel, whatever the checkpoint's device chose (``load_optimizer_state``).
 """
 from __future__ import annotations
 
@@ -75,6 +76,38 @@ def build_optimizer(model: nn.Module, caps: Capabilities, settings: OptimizerSet
         return torch.optim.AdamW(groups, lr=settings.lr, **_eps(settings), **kernel)
     return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.uses_nesterov,
                            **kernel)
+
+
+# Parameter-group flags that choose the kernel, not the maths.
+_KERNEL_FLAGS = ("fused", "foreach")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """``optimizer.load_state_dict(saved)``, keeping this run's kernel choice.
+
+    A state dict carries its groups' ``fused``/``foreach`` flags, and ``load_state_dict``
+    would put them back: a checkpoint written on a CPU, NPU or MPS (foreach) would turn a
+    CUDA run's fused SGD into foreach, while GradScaler, which looks at the optimizer as it
+    was built (``_step_supports_amp_scaling``, set in ``SGD.__init__``), still hands it
+    ``grad_scale``/``found_inf``: ``AssertionError: Expected grad_scale and found_inf to be
+    None`` (torch/optim/sgd.py, ``_multi_tensor_sgd``) at the first fp16 step. The other way,
+    a CUDA checkpoint's ``fused=True`` would make an NPU run call ``torch._fused_sgd_``,
+    which torch_npu implements from 2.7 only (op-plugin's op_plugin_functions.yaml:
+    ``_fused_sgd_``, ``op_api: [v2.7, newest]``). The flags are replaced in the saved groups
+    before loading, since ``load_state_dict`` also reads them to place each parameter's
+    ``step`` (torch/optim/optimizer.py, ``_process_value_according_to_param_policy``).
+    """
+    saved_groups = saved["param_groups"]
+    if len(saved_groups) == len(optimizer.param_groups):  # else load_state_dict says what does not match
+        saved = {**saved, "param_groups": [_with_kernel_of(group, saved_group) for group, saved_group in
+                                           zip(optimizer.param_groups, saved_groups)]}
+    optimizer.load_state_dict(saved)
+
+
+def _with_kernel_of(group: dict, saved_group: dict) -> dict:
+    loaded = {key: value for key, value in saved_group.items() if key not in _KERNEL_FLAGS}
+    loaded.update({key: group[key] for key in _KERNEL_FLAGS if key in group})
+    return loaded
 
 
 def apply_settings(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> None:

@@ -264,8 +264,8 @@ def _add_improvement_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--opt-eps", type=_positive_float, default=None, metavar="EPS",
                        help="optimizer epsilon (rmsprop, adamw; default: the recipe's, else torch's)")
     group.add_argument("--model-ema", dest="model_ema", action="store_true", default=None,
-                       help="keep an exponential moving average of the weights (torch's AveragedModel, "
-                            "BatchNorm buffers included), validated every epoch (recipe: off; paper: on)")
+                       help="keep an exponential moving average of the weights (BatchNorm buffers included), "
+                            "validated every epoch (recipe: off; paper: on)")
     group.add_argument("--no-model-ema", dest="model_ema", action="store_false", default=None,
                        help="no weight averaging, even with --recipe paper")
     group.add_argument("--model-ema-decay", type=_open_fraction, default=None, metavar="D",

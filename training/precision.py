@@ -1,25 +1,27 @@
-"""Mixed precision, decided once: the autocast context and the gradient-scaling path.
+"""Mixed precision, decided once: one small interface, one class per kind.
 
-The training loop calls ``precision.autocast()``, ``precision.backward(loss)``,
-``precision.unscale(optimizer)`` and ``precision.step(optimizer)`` and never asks which
-kind it has. Three kinds exist:
+The training loop calls ``autocast()``, ``backward(loss, optimizer)``, ``unscale(optimizer)``,
+``clip_parameters(model, optimizer)`` and ``step(optimizer)`` and never asks which kind it
+has; a checkpoint holds ``state_dict()``. The kinds:
 
-* full precision (no ``--amp``, or ``--opt-level O0``);
-* native ``torch.amp``: fp16 with a GradScaler (static scale: fixed ``--loss-scale``;
-  ``dynamic``: grows and backs off), or bf16 without scaling. Either scale skips a step
-  whose gradients overflow; those steps are counted (``skipped_steps``);
-* apex ``amp.initialize`` when ``--apex`` is given and apex is importable (otherwise a
-  warning, and native torch.amp with the same settings).
+* ``FullPrecision``: fp32 (no ``--amp``, or ``--opt-level O0``);
+* ``Autocast``: torch autocast without loss scaling (bf16);
+* ``ScaledFp16``: fp16 autocast with a GradScaler, whose scale is either static (a fixed
+  ``--loss-scale``, put back after every step) or dynamic (grows and backs off). Either way
+  a step whose gradients overflow is skipped and counted (``take_skipped_steps``);
+* ``ApexAmp``: apex ``amp.initialize`` when ``--apex`` is given and apex is importable
+  (otherwise a warning, and torch's AMP with the same settings). Deleting apex support is
+  deleting this class and its branch in ``build_precision``.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable
+from typing import Any, ContextManager, Iterable
 
 import torch
+from torch import nn
 
 from models.errors import UserError
 from training import device as devices
@@ -29,104 +31,185 @@ log = logging.getLogger(__name__)
 _STATIC_GROWTH_INTERVAL = 2**31 - 1  # a static scale never grows
 
 
-@dataclass
+class PrecisionError(UserError):
+    """A precision mode the device cannot run."""
+
+
 class Precision:
-    """What the loop needs to run one precision mode; built by :func:`build_precision`."""
+    """The interface, with the behaviour of a kind that neither casts nor scales.
 
-    description: str
-    autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext
-    scaler: Any = None  # torch.amp.GradScaler when fp16 scaling is on
-    dynamic_scale: bool = False
-    static_scale: float | None = None  # the fixed fp16 loss scale, re-set after every step
-    apex_amp: Any = None  # the apex.amp module when apex drives the precision
-    _skipped: Any = None  # steps the scaler skipped, summed on the device
+    Attributes:
+        description: what the run logs ("fp32", "autocast bf16"...).
+        skips_nonfinite_steps: an overflowing step is skipped (and counted) rather than a
+            reason to stop, so the loop's own finite-loss check is off.
+    """
 
-    @property
-    def skips_nonfinite_steps(self) -> bool:
-        """True when an overflowing step is skipped (and counted) rather than a reason to stop."""
-        return self.scaler is not None or self.apex_amp is not None
+    description = "fp32"
+    skips_nonfinite_steps = False
+
+    def autocast(self) -> ContextManager[Any]:
+        """The context of the forward pass and the loss."""
+        return contextlib.nullcontext()
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+        """The model and optimizer the loop uses (apex wraps them; the others keep them)."""
+        return model, optimizer
 
     def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        if self.apex_amp is not None:
-            with self.apex_amp.scale_loss(loss, optimizer) as scaled:
-                scaled.backward()
-        elif self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        loss.backward()
 
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        """Bring gradients to their true scale (before clipping)."""
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
+        """Bring the gradients to their true scale (before clipping)."""
 
-    def clip_parameters(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        if self.apex_amp is not None:
-            return self.apex_amp.master_params(optimizer)
+    def clip_parameters(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:
+        """The parameters whose gradients clipping should see."""
         return model.parameters()
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
-            self._count_skipped(optimizer)
-            self.scaler.update(self.static_scale)
-        else:
-            optimizer.step()
-
-    def _count_skipped(self, optimizer: torch.optim.Optimizer) -> None:
-        # GradScaler records, per device, whether this step's gradients overflowed (and so
-        # whether it skipped optimizer.step); summed on the device, read once per epoch.
-        found = sum(self.scaler._found_inf_per_device(optimizer).values())
-        self._skipped = found if self._skipped is None else self._skipped + found
+    def step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """Update the weights; returns None when the step always runs, else a 0-dim float tensor
+        on the device: 1 if the step ran, 0 if it was skipped (never read it on the host: that
+        is a device synchronisation; use it in device arithmetic)."""
+        optimizer.step()
+        return None
 
     def take_skipped_steps(self) -> int:
-        """Steps skipped for overflowing gradients since the last call."""
+        """Steps skipped for overflowing gradients since the last call (one host read)."""
+        return 0
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Nothing to restore."""
+
+
+class FullPrecision(Precision):
+    """fp32: no casts, no loss scaling."""
+
+
+class Autocast(Precision):
+    """torch autocast to ``dtype`` (bf16), without loss scaling: bf16 has fp32's range."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype):
+        self.device_type, self.dtype = device_type, dtype
+        self.description = f"autocast {_short(dtype)}"
+
+    def autocast(self) -> ContextManager[Any]:
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+class ScaledFp16(Autocast):
+    """fp16 autocast with a GradScaler: the loss is scaled up before backward, the gradients
+    unscaled before the update, and a step whose gradients overflow is skipped.
+
+    A static scale (``static_scale``) is a GradScaler whose scale is put back after every
+    step instead of backing off, so overflowing steps are still skipped (as apex does with a
+    fixed scale). Skipped steps are summed on the device and read once per epoch.
+    """
+
+    skips_nonfinite_steps = True
+
+    def __init__(self, device_type: str, scaler: torch.amp.GradScaler, static_scale: float | None = None):
+        super().__init__(device_type, torch.float16)
+        self.scaler = scaler
+        self.static_scale = static_scale
+        self.description = ("autocast fp16, dynamic loss scale" if static_scale is None
+                            else f"autocast fp16, static loss scale {static_scale:g}")
+        self._skipped: torch.Tensor | None = None
+
+    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.scale(loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        self.scaler.step(optimizer)
+        overflowed = self._overflowed(optimizer)
+        self._skipped = overflowed.int() if self._skipped is None else self._skipped + overflowed
+        self.scaler.update(self.static_scale)
+        return (~overflowed).float()
+
+    def _overflowed(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        # The scaler records, per device, whether this step's gradients held an inf or NaN (and
+        # so whether it skipped optimizer.step); compared on the device, never read here.
+        # Compared with 0, not summed as a count: torch_npu's scaler sets an overflowing step's
+        # found_inf to 1 and then adds 1 (torch_npu/npu/amp/grad_scaler.py, _unscale_grads_:
+        # `if self._has_overflow: per_device_found_inf.get(found_inf.device).add_(1)`,
+        # v2.3.1 to master).
+        found = sum(self.scaler._found_inf_per_device(optimizer).values())
+        return found > 0
+
+    def take_skipped_steps(self) -> int:
         if self._skipped is None:
             return 0
         count, self._skipped = int(self._skipped.item()), None
         return count
 
-    def state_dict(self) -> dict[str, Any] | None:
-        """The scaler's state, with ``dynamic`` (torch_npu's scaler needs it, torch's ignores it)."""
-        if self.scaler is not None:
-            return {**self.scaler.state_dict(), "dynamic": self.dynamic_scale}
-        if self.apex_amp is not None:
-            return self.apex_amp.state_dict()
-        return None
+    def state_dict(self) -> dict[str, Any]:
+        # torch_npu's GradScaler requires a "dynamic" key (torch's ignores it): always True,
+        # since the inf/NaN check must stay on (see adapt_scaler_state).
+        return {**self.scaler.state_dict(), "dynamic": True}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if not state:
-            return
-        if self.scaler is not None:
+        if state:
             expected = self.scaler.state_dict().keys() or _SCALER_KEYS
-            self.scaler.load_state_dict(adapt_scaler_state(state, expected, self.dynamic_scale, self.static_scale))
-        elif self.apex_amp is not None:
-            self.apex_amp.load_state_dict(state)
+            self.scaler.load_state_dict(adapt_scaler_state(state, expected, self.static_scale))
+
+
+class ApexAmp(Precision):
+    """apex's AMP: ``amp.initialize`` patches the model and optimizer; apex scales the loss,
+    skips overflowing steps itself and keeps fp32 master weights (which clipping must see)."""
+
+    skips_nonfinite_steps = True
+
+    def __init__(self, apex_amp: Any, opt_level: str, loss_scale: str):
+        self.amp, self.opt_level = apex_amp, opt_level
+        self.loss_scale: Any = "dynamic" if loss_scale == "dynamic" else float(loss_scale)
+        self.description = f"apex amp {opt_level}, loss scale {loss_scale}"
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+        return self.amp.initialize(model, optimizer, opt_level=self.opt_level, loss_scale=self.loss_scale)
+
+    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        with self.amp.scale_loss(loss, optimizer) as scaled:
+            scaled.backward()
+
+    def clip_parameters(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:
+        return self.amp.master_params(optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.amp.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.amp.load_state_dict(state)
 
 
 # torch.amp.GradScaler's state; torch_npu's scaler adds "dynamic".
 _SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 
 
-def adapt_scaler_state(saved: dict[str, Any], expected: Iterable[str], dynamic: bool,
-                       static_scale: float | None) -> dict[str, Any]:
+def adapt_scaler_state(saved: dict[str, Any], expected: Iterable[str], static_scale: float | None) -> dict[str, Any]:
     """A GradScaler state saved by one scaler, in the format another expects.
 
     torch_npu's GradScaler saves and requires a ``dynamic`` key that torch's lacks, so a GPU
-    or CPU checkpoint would not load on an NPU (KeyError) without this. A static loss scale
-    keeps this run's value.
+    or CPU checkpoint would not load on an NPU (KeyError) without this. That key is always
+    True here: torch_npu's ``load_state_dict`` copies it into ``_dynamic``, and ``_dynamic``
+    False turns its inf/NaN check off (torch_npu/npu/amp/grad_scaler.py, ``_unscale_grads_``:
+    ``if self._dynamic:`` around ``_amp_foreach_non_finite_check_and_unscale_``, else a bare
+    multiply; ``step``: ``optimizer.step()`` without the check), so overflowing steps would
+    reach the weights. This project's static scale is a dynamic scaler whose scale is put
+    back after every step; checkpoints written before said ``dynamic: False`` for it.
+    A static loss scale keeps this run's value.
     """
     expected = set(expected)
     state = {key: value for key, value in saved.items() if key in expected}
     if "dynamic" in expected:
-        state["dynamic"] = dynamic
+        state["dynamic"] = True
     if static_scale is not None and "scale" in expected:
         state["scale"] = static_scale
     return state
-
-
-class PrecisionError(UserError):
-    """A precision mode the device cannot run."""
 
 
 def resolve_dtype(device_type: str, requested: str) -> torch.dtype:
@@ -145,36 +228,24 @@ def build_precision(device_type: str, *, amp: bool, amp_dtype: str = "auto", opt
                     loss_scale: str = "dynamic", use_apex: bool = False) -> Precision:
     """Decide the precision mode once, from the options."""
     if not amp or opt_level == "O0":
-        return Precision(description="fp32")
+        return FullPrecision()
     if use_apex:
         apex_amp = _import_apex_amp()
         if apex_amp is not None:
-            return Precision(description=f"apex amp {opt_level}, loss scale {loss_scale}",
-                             apex_amp=apex_amp, dynamic_scale=loss_scale == "dynamic")
+            return ApexAmp(apex_amp, opt_level, loss_scale)
         log.warning("--apex asked for, but apex is not installed: using torch.amp with the same "
                     "settings instead")
     dtype = resolve_dtype(device_type, amp_dtype)
     if dtype == torch.bfloat16 and not devices.has_fast_bf16(device_type):
         log.warning("this %s has no bf16 instructions: --amp (bf16) will be slower than fp32 here "
                     "(docs/PERFORMANCE.md); --opt-level O0 turns it off", device_type)
-    autocast = _autocast_factory(device_type, dtype)
     if dtype != torch.float16:
-        return Precision(description=f"autocast {_short(dtype)}", autocast=autocast)
+        return Autocast(device_type, dtype)
     if loss_scale == "dynamic":
-        return Precision(description="autocast fp16, dynamic loss scale", autocast=autocast,
-                         scaler=devices.grad_scaler(device_type), dynamic_scale=True)
-    # A static scale: overflowing steps are still skipped (as apex does), but the scale is
-    # put back after each step instead of backing off.
+        return ScaledFp16(device_type, devices.grad_scaler(device_type))
     scale = float(loss_scale)
     scaler = devices.grad_scaler(device_type, init_scale=scale, growth_interval=_STATIC_GROWTH_INTERVAL)
-    return Precision(description=f"autocast fp16, static loss scale {scale:g}", autocast=autocast,
-                     scaler=scaler, static_scale=scale)
-
-
-def _autocast_factory(device_type: str, dtype: torch.dtype) -> Callable[[], ContextManager[Any]]:
-    def autocast() -> ContextManager[Any]:
-        return torch.autocast(device_type=device_type, dtype=dtype)
-    return autocast
+    return ScaledFp16(device_type, scaler, static_scale=scale)
 
 
 def _short(dtype: torch.dtype) -> str:
@@ -186,12 +257,3 @@ def _import_apex_amp() -> Any | None:
         return importlib.import_module("apex.amp")
     except ImportError:
         return None
-
-
-def initialize_apex(precision: Precision, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    opt_level: str, loss_scale: str):
-    """apex wants to wrap the model and optimizer itself; a no-op for other modes."""
-    if precision.apex_amp is None:
-        return model, optimizer
-    scale: Any = "dynamic" if loss_scale == "dynamic" else float(loss_scale)
-    return precision.apex_amp.initialize(model, optimizer, opt_level=opt_level, loss_scale=scale)

@@ -2,8 +2,9 @@
 
 ``training.run.Run``, the benchmarks and the tests all build through these functions:
 ``decide`` (what the device makes of the options, once), ``agree_on_seed``,
-``build_data``, ``build_model``, ``build_optimization`` and ``wrap_for_training``;
-``build_run`` chains them for main.py and ``log_start`` says what was built.
+``build_data``, ``build_model``, ``choose_precision``, ``build_optimization``,
+``prepare_for_precision`` and ``wrap_for_training``; ``build_run`` chains them for main.py
+and ``log_start`` says what was built.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import contextlib
 import inspect
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
@@ -26,7 +27,7 @@ from models.pretrained import published_weights_file
 from models.registry import ModelSpec
 from training import distributed
 from training.data import AugmentSettings, DataSettings, DatasetError, DeviceTransfer, Loaders, build_loaders
-from training.device import Capabilities, pin_memory_options
+from training.device import Capabilities, compile_backend, pin_memory_options
 from training.distributed import Topology
 from training.averaging import ModelEma, NoAverage
 from training.data.mixing import build_mixer
@@ -35,7 +36,7 @@ from training.config import resolve_options
 from training.device import describe
 from training.engine import LoopSettings, StepParts
 from training.options import PUBLISHED, CommandLine
-from training.precision import Precision, build_precision, initialize_apex
+from training.precision import Precision, build_precision
 from training.recipes import REFERENCE_WORLD_SIZE, Recipe, linear_scaling_hint
 from training.schedule import LrSchedule
 from training.state import RunIdentity, TrainingState
@@ -66,15 +67,16 @@ def decide(args: argparse.Namespace, caps: Capabilities, topology: Topology) -> 
     if args.channels_last and not caps.channels_last:
         notes.append(f"channels_last is off on {caps.device_type}: its tensors accept the contiguous "
                      f"memory format only")
-    if args.compile and caps.compile_backend is None:
-        raise SetupError(f"--compile on {caps.device_type}: {caps.compile_refusal}")
+    backend, refusal = compile_backend(caps) if args.compile else (None, "")
+    if args.compile and backend is None:
+        raise SetupError(f"--compile on {caps.device_type}: {refusal}")
     if args.sync_bn and topology.distributed and not caps.sync_batchnorm:
         raise SetupError(f"--sync-bn needs GPUs or NPUs: torch's SyncBatchNorm has no {caps.device_type} "
                          f"implementation; leave --sync-bn out to normalise each device's batch on its own")
     if args.npu_fused_sgd and not caps.vendor_fused_sgd:
         raise SetupError(f"--npu-fused-sgd needs an NPU (torch_npu's NpuFusedSGD); this run is on {caps.device_type}")
     return Decisions(channels_last=args.channels_last and caps.channels_last,
-                     compile_backend=caps.compile_backend if args.compile else None,
+                     compile_backend=backend,
                      pin_memory=pin_memory_options(caps), side_stream_prefetch=caps.side_stream_prefetch,
                      vendor_fused_sgd=args.npu_fused_sgd, notes=tuple(notes))
 
@@ -181,13 +183,18 @@ def build_average(args: argparse.Namespace, model: nn.Module) -> ModelEma | NoAv
 
 # -- optimisation -----------------------------------------------------------------------------
 
+def choose_precision(args: argparse.Namespace, caps: Capabilities) -> Precision:
+    """The precision mode of the options on this device: autocast and loss scaling, decided once."""
+    return build_precision(caps.device_type, amp=args.amp, amp_dtype=args.amp_dtype, opt_level=args.opt_level,
+                           loss_scale=args.loss_scale, use_apex=args.apex)
+
+
 @dataclass
 class Optimization:
     optimizer: torch.optim.Optimizer | None  # None when built for evaluation
-    precision: Precision
     schedule: LrSchedule | None
     settings: OptimizerSettings
-    model: nn.Module  # the model apex may have wrapped
+    model: nn.Module  # the model the optimizer updates (the precision may have wrapped both)
 
 
 def optimizer_settings(args: argparse.Namespace) -> OptimizerSettings:
@@ -197,22 +204,18 @@ def optimizer_settings(args: argparse.Namespace) -> OptimizerSettings:
 
 def build_optimization(args: argparse.Namespace, model: nn.Module, caps: Capabilities,
                        decisions: Decisions) -> Optimization:
-    """Optimizer, precision (autocast + loss scaling) and learning-rate schedule."""
+    """Optimizer and learning-rate schedule."""
     settings = optimizer_settings(args)
     optimizer = build_optimizer(model, caps, settings, vendor_fused=decisions.vendor_fused_sgd)
-    precision = build_precision(caps.device_type, amp=args.amp, amp_dtype=args.amp_dtype, opt_level=args.opt_level,
-                                loss_scale=args.loss_scale, use_apex=args.apex)
-    model, optimizer = initialize_apex(precision, model, optimizer, args.opt_level, args.loss_scale)
     schedule = LrSchedule(args.lr, args.epochs, args.warm_up_epochs, args.lr_schedule, args.lr_step_epochs,
                           args.lr_gamma)
-    return Optimization(optimizer, precision, schedule, settings, model)
+    return Optimization(optimizer, schedule, settings, model)
 
 
-def build_evaluation(args: argparse.Namespace, model: nn.Module, caps: Capabilities) -> Optimization:
-    """What ``-e`` needs of the optimization: the precision (autocast); no optimizer, no schedule."""
-    precision = build_precision(caps.device_type, amp=args.amp, amp_dtype=args.amp_dtype, opt_level=args.opt_level,
-                                loss_scale=args.loss_scale, use_apex=args.apex)
-    return Optimization(None, precision, None, optimizer_settings(args), model)
+def prepare_for_precision(optimization: Optimization, precision: Precision) -> Optimization:
+    """The model and optimizer as the precision wants them (apex wraps both; others keep them)."""
+    model, optimizer = precision.prepare(optimization.model, optimization.optimizer)
+    return replace(optimization, model=model, optimizer=optimizer)
 
 
 def _no_buffer_sync_per_forward() -> dict[str, bool]:
@@ -298,12 +301,14 @@ def build_run(command: CommandLine, topology: Topology, device: torch.device, ca
     num_classes = num_classes_of(args, loaders.class_names)
     built = build_model(args, spec, num_classes, device, decisions, topology,
                         saved.get("model_options", {}) if saved else None)
-    # Evaluation builds no optimizer and no weight average: only the precision (autocast).
-    optimization = (build_evaluation(args, built.model, caps) if args.evaluate
-                    else build_optimization(args, built.model, caps, decisions))
+    precision = choose_precision(args, caps)
+    if args.evaluate:  # evaluation builds no optimizer and no weight average: only the precision (autocast)
+        optimization = Optimization(None, None, optimizer_settings(args), built.model)
+    else:
+        optimization = prepare_for_precision(build_optimization(args, built.model, caps, decisions), precision)
     identity = RunIdentity(spec.name, num_classes, loaders.class_names,
                            args.image_size or spec.preprocess.input_size, built.options)
-    state = TrainingState(built.model, optimization.optimizer, optimization.precision, optimization.settings,
+    state = TrainingState(built.model, optimization.optimizer, precision, optimization.settings,
                           identity, args.seed, loaders.steps_per_epoch,
                           {"world_size": topology.process_count, "batch_size": args.batch_size,
                            "accum_steps": args.accum_steps},
@@ -329,6 +334,6 @@ def log_start(parts: RunParts, topology: Topology, device: torch.device) -> None
     if count not in (1, REFERENCE_WORLD_SIZE):
         log.info("note: the linear scaling rule from the 1-device recipe suggests --lr %.4g for this global batch; "
                  "it is not applied automatically", linear_scaling_hint(args.arch, count, args.batch_size))
-    log.info("precision: %s; seed %d", parts.optimization.precision.description, args.seed)
+    log.info("precision: %s; seed %d", parts.state.precision.description, args.seed)
     for note in parts.notes:
         log.info("note: %s", note)

@@ -25,7 +25,7 @@ from models.loading import EMA_KEY, check_fits
 from models.weights import extract_state_dict, load_weights
 from training.checkpoint import FORMAT_VERSION, CheckpointError
 from training.averaging import NoAverage
-from training.optim import OptimizerSettings, apply_settings
+from training.optim import OptimizerSettings, apply_settings, load_optimizer_state
 from training.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class TrainingState:
                                   f"use it with --pretrained instead")
         saved_kind = (saved.get("args") or {}).get("opt", "sgd")
         if saved_kind == self.optimizer_settings.kind:
-            self.optimizer.load_state_dict(saved["optimizer"])
+            load_optimizer_state(self.optimizer, saved["optimizer"])
         else:
             log.info("note: the optimizer changed from %s to %s: its state starts fresh", saved_kind,
                      self.optimizer_settings.kind)

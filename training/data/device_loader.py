@@ -18,8 +18,8 @@ class DeviceLoader:
     ``(x / 255 - mean) / std`` (channels-last memory if asked), int64 labels, both on
     ``device``, and the paths of unreadable images the batch replaced. With
     ``side_stream`` the copy and normalisation of the next batch run on a side stream while
-    the current batch is used; otherwise the next batch is queued (non-blocking) before the
-    current one is handed out. Pinned loader memory makes the copies truly asynchronous.
+    the current batch is used; otherwise the next batch is queued before the current one is
+    handed out. Copies are non-blocking from pinned loader memory only.
     """
 
     def __init__(self, loader: DataLoader, device: torch.device | str, normalizer: Normalizer,
@@ -53,8 +53,11 @@ class DeviceLoader:
 
     def _to_device(self, batch: Batch) -> Batch:
         images, labels, replaced = batch
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
+        # Non-blocking only from pinned memory: from pageable memory MPS (which has no pinned
+        # memory) may still be reading the host buffer after it was released, and hands out
+        # corrupted batches (pytorch/pytorch#139550, #189690); elsewhere it gains little there.
+        images = images.to(self.device, non_blocking=images.is_pinned())
+        labels = labels.to(self.device, non_blocking=labels.is_pinned())
         images = images.contiguous(memory_format=self.memory_format)  # on uint8, before the 4x larger float
         return self.normalizer(images), labels, replaced
 
