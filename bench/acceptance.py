@@ -109,6 +109,7 @@ class Plan:
     loader_rounds: int
     loader_workers: tuple[int, ...] | None  # None: 1, 2, 4... up to the usable cores
     budget: dict[str, float] = field(default_factory=dict)
+    budget_for: str = ""  # the machine the budget is for
 
 
 FULL = Plan(
@@ -119,7 +120,14 @@ FULL = Plan(
     e2e_batch_size=128, e2e_steps=24, e2e_fps_warmup_steps=8, folder=JpegFolder(10, 320, 2, (500, 375)),
     loader_batch_size=64, loader_batches=10, loader_warmup_batches=3, loader_rounds=2, loader_workers=None,
     budget={"data": 45, "correctness": 210, "matmul_peak": 5, "train_step": 80, "evaluation": 15, "end_to_end": 45,
-            "loader": 30})
+            "loader": 30}, budget_for="one H100-class GPU, 16 host cores (estimated)")
+
+# The full mode on a machine without an accelerator: the same checks and figures with
+# batches a CPU gets through (299 px at batch 256 would take hours); no time budget.
+FULL_CPU = replace(
+    FULL, check_image_size=96, check_batch_size=8, batch_sizes=(8, 16, 32), warmup_steps=1, steps=2, rounds=2,
+    eval_steps=4, e2e_batch_size=16, e2e_steps=8, e2e_fps_warmup_steps=2, loader_batch_size=16, budget={},
+    budget_for="")
 
 QUICK = Plan(
     mode="quick", check_arch="xception", check_image_size=48, check_batch_size=4, check_steps=4, check_classes=5,
@@ -164,7 +172,15 @@ def two_processes_refusal(device_type: str) -> str | None:
     return f"needs 2 {device_type} devices, this machine has {count}"
 
 
-def check_settings(plan: Plan, device: torch.device, main_flags: list[str]) -> CheckSettings:
+def threads_per_run(device_type: str, jobs: int) -> int | None:
+    """CPU runs side by side share the cores; more OpenMP threads than cores make every
+    operator wait (docs/PERFORMANCE.md). An OMP_NUM_THREADS already set wins."""
+    if device_type != "cpu" or jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, common.usable_cpus() // jobs)
+
+
+def check_settings(plan: Plan, device: torch.device, main_flags: list[str], jobs: int) -> CheckSettings:
     caps = devices.capabilities(device.type)
     return CheckSettings(
         device_type=device.type, arch=plan.check_arch, image_size=plan.check_image_size,
@@ -173,7 +189,7 @@ def check_settings(plan: Plan, device: torch.device, main_flags: list[str]) -> C
         save_every_steps=max(1, plan.check_steps // 4), run_timeout=plan.run_timeout,
         fp16_unsupported=fp16_unsupported(device), bf16_supported=devices.supports_bf16(device.type),
         channels_last_allowed=caps.channels_last, two_processes=two_processes_refusal(device.type),
-        compile_skipped=plan.compile_skipped, main_flags=tuple(main_flags))
+        compile_skipped=plan.compile_skipped, main_flags=tuple(main_flags), threads=threads_per_run(device.type, jobs))
 
 
 def measured_flags(device_type: str) -> tuple[str, ...]:
@@ -276,7 +292,7 @@ def correctness(args: argparse.Namespace, plan: Plan, device: torch.device, outp
     started = time.perf_counter()
     data = check_data(plan, output)
     budget["data"] = budget.get("data", 0.0) + time.perf_counter() - started
-    settings = check_settings(plan, device, shlex.split(args.main_flags))
+    settings = check_settings(plan, device, shlex.split(args.main_flags), args.jobs)
     say(f"correctness: {len(args.checks)} checks, main.py -a {settings.arch} --image-size {settings.image_size} "
         f"-b {settings.batch_size}, {settings.steps} steps, {args.jobs} run(s) at a time")
     started = time.perf_counter()
@@ -313,10 +329,10 @@ def budget_table(plan: Plan, spent: dict[str, float]) -> dict[str, dict[str, flo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    plan = QUICK if args.quick else FULL
     output = Path(args.output)
     started, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)
     device = common.resolve_device(args.device)
+    plan = QUICK if args.quick else FULL_CPU if device.type == "cpu" else FULL
     env = acceptance_report.machine(device)
     say(f"acceptance ({plan.mode}) on {env['device']}: {env['host_cpu']}, {env['cpus']} cores, torch "
         f"{torch.__version__}; output {output}")
@@ -326,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     env["load_average_at_end"] = common.load_average()
     passed = checked["passed"] and measured["passed"]
     report = {"acceptance": {"mode": plan.mode, "passed": passed, "exit_status": 0 if passed else 1,
+                             "budget_for": plan.budget_for,
                              "started_at": started_at.isoformat(timespec="seconds"),
                              "seconds": time.perf_counter() - started,
                              "command": shlex.join(["python", "bench/acceptance.py", *(argv or sys.argv[1:])])},

@@ -159,10 +159,10 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _budget_section(budget: dict[str, dict[str, float]], mode: str) -> list[str]:
+def _budget_section(budget: dict[str, dict[str, float]], budget_for: str) -> list[str]:
     rows = [[part, f"{b['planned_seconds']:.0f}" if b.get("planned_seconds") is not None else "-",
              f"{b['seconds']:.0f}"] for part, b in budget.items()]
-    title = "planned s (one H100-class GPU)" if mode == "full" else "planned s"
+    title = f"planned s ({budget_for})" if budget_for else "planned s"
     return ["## Time", ""] + _table(["part", title, "spent s"], rows)
 
 
@@ -174,5 +174,5 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _machine_section(report["machine"])
     lines += _correctness_section(report["correctness"])
     lines += _speed_section(report["speed"])
-    lines += _budget_section(report["budget"], head["mode"])
+    lines += _budget_section(report["budget"], head["budget_for"])
     return "\n".join(lines).rstrip() + "\n"

@@ -105,9 +105,10 @@ def measure_train_step(arch: str, settings: SpeedSettings, peaks: dict[str, floa
     by_batch: dict[int, dict[str, Any]] = {}
     result: dict[str, Any] = {}
     for batch_size in settings.batch_sizes:
-        args = train_step.parse(["--arch", arch, "--image-size", str(settings.image_size), "--batch-size",
-                                 str(batch_size), "--steps", str(settings.steps), "--warmup", str(settings.warmup_steps),
-                                 "--rounds", str(settings.rounds), "--device", settings.device.type])
+        args = train_step.parse(["--arch", arch, "--image-size", str(settings.image_size),
+                                 "--batch-size", str(batch_size), "--steps", str(settings.steps),
+                                 "--warmup", str(settings.warmup_steps), "--rounds", str(settings.rounds),
+                                 "--device", settings.device.type])
         try:
             result = train_step.benchmark_arch(arch, [name], args, settings.device, dtype_peaks)
         except RuntimeError as error:
@@ -174,8 +175,9 @@ def measure_end_to_end(settings: SpeedSettings, data_dir: Path, output: Path) ->
     """bench/end_to_end.py's two main.py runs: the JPEG folder, then --synthetic."""
     args = end_to_end.parse(["--arch", settings.e2e_arch, "--image-size", str(settings.image_size),
                              "--batch-size", str(settings.e2e_batch_size), "--steps", str(settings.e2e_steps),
-                             "--fps-warmup-steps", str(settings.e2e_fps_warmup_steps), "--device",
-                             settings.device.type, "--main-flags=" + " ".join(settings.flags), *settings.folder.options()])
+                             "--fps-warmup-steps", str(settings.e2e_fps_warmup_steps),
+                             "--device", settings.device.type, "--main-flags=" + " ".join(settings.flags),
+                             *settings.folder.options()])
     runs = {}
     for source in end_to_end.SOURCES:
         folder = output / source
@@ -225,7 +227,7 @@ def run_speed(settings: SpeedSettings, data_dir: Path, output: Path,
     parts["evaluation"] = timed_part("evaluation", lambda: {
         arch: measure_evaluation(arch, steps[arch]["batch_size"] if arch in steps else settings.batch_sizes[0],
                                  settings) for arch in settings.archs}, progress)
-    parts["end_to_end"] = timed_part("end_to_end", lambda: measure_end_to_end(settings, data_dir, output / "end_to_end"),
-                                     progress)
+    parts["end_to_end"] = timed_part("end_to_end",
+                                     lambda: measure_end_to_end(settings, data_dir, output / "end_to_end"), progress)
     parts["loader"] = timed_part("loader", lambda: measure_loader(settings, data_dir), progress)
     return parts
