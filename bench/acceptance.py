@@ -136,8 +136,8 @@ QUICK = Plan(
     image_size=75, batch_sizes=(2, 4), warmup_steps=1, steps=1, rounds=1, matmul_size=256, eval_steps=2,
     e2e_batch_size=2, e2e_steps=3, e2e_fps_warmup_steps=1, folder=JpegFolder(2, 4, 1, (96, 80)),
     loader_batch_size=2, loader_batches=2, loader_warmup_batches=1, loader_rounds=1, loader_workers=(0, 1),
-    budget={"data": 2, "correctness": 60, "matmul_peak": 1, "train_step": 10, "evaluation": 2, "end_to_end": 10,
-            "loader": 5})
+    budget={"data": 1, "correctness": 60, "matmul_peak": 1, "train_step": 8, "evaluation": 2, "end_to_end": 12,
+            "loader": 2}, budget_for="2 CPU cores, --jobs 2, estimated")
 
 
 class OutputError(ValueError):
@@ -200,10 +200,14 @@ def measured_flags(device_type: str) -> tuple[str, ...]:
     return ("--amp",) if fast else ()
 
 
+MAX_LOADER_WORKERS = 32  # per device; beyond this the count is not what limits a loader
+
+
 def worker_counts(plan: Plan) -> tuple[int, ...]:
+    """The plan's worker counts, else 1, 2, 4... up to the usable cores."""
     if plan.loader_workers is not None:
         return plan.loader_workers
-    cores = common.usable_cpus()
+    cores = min(common.usable_cpus(), MAX_LOADER_WORKERS)
     counts = [1]
     while counts[-1] * 2 <= cores:
         counts.append(counts[-1] * 2)
@@ -246,8 +250,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     names = [name.strip() for name in (args.only or ",".join([*CHECKS, SPEED])).split(",") if name.strip()]
     unknown = sorted(set(names) - {*CHECKS, SPEED})
     if unknown or not names:
-        parser.error(f"--only: unknown {', '.join(unknown) or 'nothing chosen'}; choose from {', '.join(CHECKS)}, "
-                     f"{SPEED}")
+        parser.error(f"--only: {'unknown ' + ', '.join(unknown) if unknown else 'nothing chosen'}; choose from "
+                     f"{', '.join(CHECKS)}, {SPEED}")
     args.checks = [check for check in CHECKS if check in names]
     args.speed = SPEED in names
     if args.jobs < 1:
@@ -349,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": env, "correctness": checked, "speed": measured, "budget": budget_table(plan, spent)}
     acceptance_report.write_json(output / "report.json", report)
     (output / "report.md").write_text(acceptance_report.markdown(report), encoding="utf-8")
+    if args.speed:
+        say("\n" + "\n".join(acceptance_report.speed_section(measured)).rstrip())
     say(f"\n{'PASSED' if passed else 'FAILED'} in {report['acceptance']['seconds']:.0f}s: "
         f"{output / 'report.md'}, {output / 'report.json'}")
     return report["acceptance"]["exit_status"]

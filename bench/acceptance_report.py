@@ -116,7 +116,7 @@ def _correctness_section(correctness: dict[str, Any]) -> list[str]:
     return ["## Correctness: " + verdict, ""] + _table(["check", "result", "detail", "s"], rows)
 
 
-def _speed_section(speed: dict[str, Any]) -> list[str]:
+def speed_section(speed: dict[str, Any]) -> list[str]:
     if speed.get("skipped"):
         return ["## Speed", "", f"not run: {speed['skipped']}", ""]
     lines = ["## Speed", ""]
@@ -173,6 +173,6 @@ def markdown(report: dict[str, Any]) -> str:
              f"`{head['command']}`, {head['mode']} mode, {head['started_at']}, {head['seconds']:.0f} s in all.", ""]
     lines += _machine_section(report["machine"])
     lines += _correctness_section(report["correctness"])
-    lines += _speed_section(report["speed"])
+    lines += speed_section(report["speed"])
     lines += _budget_section(report["budget"], head["budget_for"])
     return "\n".join(lines).rstrip() + "\n"

@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -64,18 +64,27 @@ def execute(run: Run, timeout: float, threads: int | None = None) -> Outcome:
 
 def execute_all(runs: list[Run], jobs: int, timeout: float, threads: int | None = None,
                 on_finish: Callable[[Run, Outcome], None] = lambda run, outcome: None) -> dict[str, Outcome]:
-    """Run everything, ``jobs`` processes at a time, each after the runs it needs."""
+    """Run everything, ``jobs`` processes at a time, each as soon as the runs it needs have
+    finished; runs that others wait for start first."""
+    awaited = {name for run in runs for name in run.after}
+    unknown = awaited - {run.name for run in runs}
+    if unknown:
+        raise ValueError(f"runs wait for runs that are not planned: {sorted(unknown)}")
+    waiting = sorted(runs, key=lambda run: run.name not in awaited)
     outcomes: dict[str, Outcome] = {}
-    pending = {run.name: run for run in runs}
+    running: dict[Future, Run] = {}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        while pending:
-            ready = [run for run in pending.values() if all(name in outcomes for name in run.after)]
-            if not ready:
-                raise ValueError(f"runs wait for runs that are not planned: {sorted(pending)}")
-            for run, outcome in zip(ready, pool.map(lambda r: execute(r, timeout, threads), ready)):
-                on_finish(run, outcome)
-                outcomes[run.name] = outcome
-                del pending[run.name]
+        while waiting or running:
+            for run in [run for run in waiting if all(name in outcomes for name in run.after)]:
+                waiting.remove(run)
+                running[pool.submit(execute, run, timeout, threads)] = run
+            if not running:
+                raise ValueError(f"runs that wait for each other: {[run.name for run in waiting]}")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = running.pop(future)
+                outcomes[run.name] = future.result()
+                on_finish(run, outcomes[run.name])
     return outcomes
 
 

@@ -211,8 +211,8 @@ def timed_part(name: str, measure: Callable[[], Any], progress: Callable[[str], 
         return {"result": measure(), "seconds": time.perf_counter() - started}
     except Exception as error:  # reported, and the exit status says so
         traceback.print_exc(file=sys.stderr)
-        return {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}",
-                "seconds": time.perf_counter() - started}
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return {"error": f"{type(error).__name__}: {first_line}", "seconds": time.perf_counter() - started}
 
 
 def run_speed(settings: SpeedSettings, data_dir: Path, output: Path,
