@@ -15,9 +15,9 @@ Numbers compared between runs, and why they may differ at all:
   on tiny batches amplify rounding, and a dynamic fp16 scale skips its first overflowing
   steps by design. A broken precision path shows as a non-finite loss (main.py stops), a
   missing or moved loss scale in the checkpoint, or a first loss far off.
-* weights after a kill and resume: bit-identical wherever two uninterrupted runs are (CPUs).
+* weights after a kill and resume: bit-identical wherever uninterrupted runs are (CPUs).
   On devices whose kernels are not deterministic (cuDNN autotuning, atomics in backward)
-  a second uninterrupted run measures that spread, and the resumed run must stay within it.
+  more uninterrupted runs measure that spread, and the resumed run must stay within it.
 * evaluations of the same weights in different processes: the counts and accuracies
   exactly, the loss within ``SAME_WEIGHTS_LOSS_RTOL`` (the kernels chosen depend on the batch).
 """
@@ -38,12 +38,15 @@ from training.metrics import read_metrics
 
 FIRST_LOSS_RTOL = {"fp16": 2e-2, "bf16": 4e-2, "layout": 1e-2, "compile": 1e-2, "same": 1e-2}
 SAME_WEIGHTS_LOSS_RTOL = 5e-3
-# A resumed run may be at most this many times further from the uninterrupted run than a
-# second uninterrupted run is (asked only where two uninterrupted runs differ).
+# A resumed run may be at most this many times further from the uninterrupted run than
+# another uninterrupted run is (asked only where the resumed weights are not bit-identical).
 NONDETERMINISM_FACTOR = 10.0
+# Uninterrupted runs tried before calling the device deterministic: cuDNN's autotuning may
+# pick the same kernels in two processes by chance and different ones in a third.
+MAX_AGAIN = 2
 STATIC_LOSS_SCALE = 1024  # ModelZoo's default fixed scale
 LEARNING_RATE = 0.01  # small enough that a few steps on tiny batches stay finite
-AGAIN = "uninterrupted_again"  # the kill/resume check's second uninterrupted run, when it needs one
+AGAIN = "uninterrupted_again"  # the kill/resume check's further uninterrupted runs (_1, _2), when it needs them
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 
@@ -60,7 +63,8 @@ TRAINING_FLAGS = {
 # check -> its own runs (the fp32 run, or the kill/resume check's uninterrupted run, is shared).
 OWN_RUNS = {"fp32": ("fp32",), "fp16_static": ("fp16_static",), "fp16_dynamic": ("fp16_dynamic",), "bf16": ("bf16",),
             "channels_last": ("nchw",), "compile": ("compile",), "model_ema": ("model_ema", "ema_eval"),
-            "kill_resume": ("killed", "resumed", AGAIN), "eval_processes": ("eval_1", "eval_2"),
+            "kill_resume": ("killed", "resumed", *(f"{AGAIN}_{n}" for n in range(1, MAX_AGAIN + 1))),
+            "eval_processes": ("eval_1", "eval_2"),
             "onnx_export": ("onnx",)}
 CHECKS = tuple(OWN_RUNS)
 
@@ -275,12 +279,29 @@ def relative_difference(value: float, reference: float) -> float:
     return abs(value - reference) / max(abs(reference), 1e-12)
 
 
+def within_spread(distance: float, spread: float) -> None:
+    """The resumed run ``distance`` from the uninterrupted one, where other uninterrupted runs
+    landed ``spread`` from it (0.0: bit-identical each time)."""
+    if distance == 0.0:
+        return
+    if spread == 0.0:
+        raise CheckFailed(f"the resumed weights are {distance:.2e} from the uninterrupted run's, although "
+                          f"{MAX_AGAIN + 1} uninterrupted runs are bit-identical here")
+    if distance > NONDETERMINISM_FACTOR * spread:
+        raise CheckFailed(f"the resumed weights are {distance:.2e} from the uninterrupted run's, more than "
+                          f"{NONDETERMINISM_FACTOR:g}x the {spread:.2e} between two uninterrupted runs")
+
+
 def same_evaluation(what: str, record: dict[str, Any], reference: dict[str, Any], reference_name: str) -> None:
-    """Two evaluations of the same weights: the same counts and accuracies, the loss within
-    ``SAME_WEIGHTS_LOSS_RTOL``."""
-    for key in ("val_images", "val_acc1", "val_acc5"):
-        if record.get(key) != reference.get(key):
-            raise CheckFailed(f"{what}: {key} {record.get(key)} differs from {reference_name}'s {reference.get(key)}")
+    """Two evaluations of the same weights: the same image count; the loss within
+    ``SAME_WEIGHTS_LOSS_RTOL``; the accuracies exactly when the losses are bit-identical, else
+    within one image (different kernels can tip a near tie between two logits)."""
+    if record.get("val_images") != reference.get("val_images"):
+        raise CheckFailed(f"{what}: {record.get('val_images')} images, {reference_name} {reference.get('val_images')}")
+    one_image = 0.0 if record["val_loss"] == reference["val_loss"] else 100.0 / max(record["val_images"], 1)
+    for key in ("val_acc1", "val_acc5"):
+        if not abs(record[key] - reference[key]) <= one_image * (1 + 1e-9):
+            raise CheckFailed(f"{what}: {key} {record[key]} differs from {reference_name}'s {reference[key]}")
     difference = relative_difference(record["val_loss"], reference["val_loss"])
     if not difference <= SAME_WEIGHTS_LOSS_RTOL:
         raise CheckFailed(f"{what}: val_loss {record['val_loss']:.6g} differs from {reference_name}'s "
@@ -421,24 +442,23 @@ class Judge:
                    "killed_after_seconds": killed.seconds, "weight_distance": distance}
         if distance == 0.0:
             return figures
-        spread = weight_distance(self.uninterrupted_again(straight), reference)
+        spread = 0.0
+        for attempt in range(1, MAX_AGAIN + 1):
+            spread = weight_distance(self.uninterrupted_again(straight, attempt), reference)
+            if spread > 0.0:
+                break
         figures["uninterrupted_runs_distance"] = spread
-        if spread == 0.0:
-            raise CheckFailed(f"the resumed weights are {distance:.2e} from the uninterrupted run's, although two "
-                              f"uninterrupted runs are bit-identical here")
-        if distance > NONDETERMINISM_FACTOR * spread:
-            raise CheckFailed(f"the resumed weights are {distance:.2e} from the uninterrupted run's, more than "
-                              f"{NONDETERMINISM_FACTOR:g}x the {spread:.2e} between two uninterrupted runs")
+        within_spread(distance, spread)
         return figures
 
-    def uninterrupted_again(self, name: str) -> dict[str, torch.Tensor]:
+    def uninterrupted_again(self, name: str, attempt: int) -> dict[str, torch.Tensor]:
         """The uninterrupted run once more: how far apart two runs land on this device."""
-        original = self.runs[name]
-        output = self.layout.folder("kill_resume") / "uninterrupted-again"
+        original, again = self.runs[name], f"{AGAIN}_{attempt}"
+        output = self.layout.folder("kill_resume") / f"uninterrupted-{attempt}"
         command = [str(output) if part == str(original.output_dir) else part for part in original.command]
-        self.runs[AGAIN] = Run(AGAIN, command, self.layout.log("kill_resume", "uninterrupted-again"), output)
-        self.outcomes[AGAIN] = execute(self.runs[AGAIN], self.settings.run_timeout, self.settings.threads)
-        self.trained(AGAIN)
+        self.runs[again] = Run(again, command, self.layout.log("kill_resume", f"uninterrupted-{attempt}"), output)
+        self.outcomes[again] = execute(self.runs[again], self.settings.run_timeout, self.settings.threads)
+        self.trained(again)
         return checkpoint_dict(output / checkpoints.LAST_NAME)["state_dict"]
 
     def check_eval_processes(self) -> dict[str, Any]:
