@@ -18,8 +18,9 @@ Numbers compared between runs, and why they may differ at all:
 * weights after a kill and resume: bit-identical wherever uninterrupted runs are (CPUs).
   On devices whose kernels are not deterministic (cuDNN autotuning, atomics in backward)
   more uninterrupted runs measure that spread, and the resumed run must stay within it.
-* evaluations of the same weights in different processes: the counts and accuracies
-  exactly, the loss within ``SAME_WEIGHTS_LOSS_RTOL`` (the kernels chosen depend on the batch).
+* evaluations of the same weights in different processes: the same image count, the loss
+  within ``SAME_WEIGHTS_LOSS_RTOL`` (the kernels chosen depend on the batch), the accuracies
+  exactly (within one image where the losses differ at all).
 """
 from __future__ import annotations
 

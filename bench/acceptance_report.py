@@ -99,9 +99,9 @@ def _machine_section(env: dict[str, Any]) -> list[str]:
         if value and not isinstance(value, list):
             rows.append([key, str(value)])
     caps = env["capabilities"]
-    rows.append(["capability row", f"channels_last {caps['channels_last']}, compile backend "
-                                   f"{caps['compile_backend']}, default AMP dtype {caps['default_amp_dtype']}, "
-                                   f"optimizer kernel {caps['optimizer_kernel']}, {caps['dist_backend']}"])
+    rows.append(["capability row", f"channels_last {caps['channels_last']}, default AMP dtype "
+                                   f"{caps['default_amp_dtype']}, optimizer kernel {caps['optimizer_kernel']}, "
+                                   f"process group {caps['dist_backend']}"])
     rows.append(["load average", f"{env.get('load_average_at_start')} at start, {env.get('load_average_at_end')} "
                                  f"at end"])
     return ["## Machine", ""] + _table(["", ""], rows)
