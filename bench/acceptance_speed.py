@@ -143,7 +143,7 @@ def validation_parts(arch: str, settings: SpeedSettings, batch_size: int) -> tup
     decisions = decide(args, devices.capabilities(device.type), topology)
     built = build_model(args, models.model_spec(arch), SYNTHETIC_NUM_CLASSES, device, decisions, topology)
     precision = build_precision(device.type, amp=args.amp, amp_dtype=args.amp_dtype, opt_level=args.opt_level,
-                                loss_scale=args.loss_scale, use_apex=False)
+                                loss_scale=args.loss_scale, use_apex=args.apex)
     loop = LoopSettings(device=device, seed=args.seed, print_freq=10**9, fps_warmup_steps=0, progress="lines",
                         show_progress=False)
     return built.model, precision, decisions.channels_last, loop
@@ -172,7 +172,7 @@ def measure_evaluation(arch: str, batch_size: int, settings: SpeedSettings) -> d
 
 
 def measure_end_to_end(settings: SpeedSettings, data_dir: Path, output: Path) -> dict[str, Any]:
-    """bench/end_to_end.py's two main.py runs: the JPEG folder, then --synthetic."""
+    """bench/end_to_end.py's two main.py runs, --synthetic and on the JPEG folder, and their ratio."""
     args = end_to_end.parse(["--arch", settings.e2e_arch, "--image-size", str(settings.image_size),
                              "--batch-size", str(settings.e2e_batch_size), "--steps", str(settings.e2e_steps),
                              "--fps-warmup-steps", str(settings.e2e_fps_warmup_steps),

@@ -88,7 +88,7 @@ def test_a_failing_check_fails_the_acceptance(tmp_path):
     assert code == 1, text[-4000:]
     assert report["acceptance"]["passed"] is False and report["speed"]["skipped"]
     [check] = report["correctness"]["checks"]
-    assert check["status"] == "failed" and "error: the loss became nan" in check["detail"], check
+    assert check["status"] == "failed" and "fp32 run: exit status 1: error:" in check["detail"], check  # main.py's line
     assert (output / "report.md").read_text().startswith("# Acceptance report: FAILED")
 
 
