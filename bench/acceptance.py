@@ -15,12 +15,13 @@ device memory), evaluation images/s, main.py end to end on JPEGs against synthet
 and loader images/s against the worker count.
 
 ``DIR/report.json`` and ``DIR/report.md`` hold the results with the hardware, driver and
-versions; every run's files stay in ``DIR/checks/<check>/``. The exit status is 1 when a
-correctness check fails or a speed figure could not be measured, 0 otherwise.
+versions; every run's files stay in ``DIR/checks/<check>/`` and ``DIR/speed/``. The exit
+status is 1 when a correctness check fails or a speed figure could not be measured, 0 otherwise.
 
 What runs where is decided from the device: ``training.device``'s capability row
-(channels-last, the compile backend, the process-group backend), what the device reports
-(bf16 support, the device count) and a probe of fp16 autocast with loss scaling.
+(channels-last, the process-group backend, the AMP dtype), what the device reports (bf16
+support, the device count), a probe of fp16 autocast with loss scaling, and main.py's own
+answer to ``--compile``.
 
 Time budget, one H100-class GPU with 16 host cores (``FULL.budget``; estimates from the
 parts' sizes, not yet measured there; report.md shows planned against spent):
