@@ -193,8 +193,9 @@ def evaluation_command(command: list[str], settings: CheckSettings, data: Path, 
 def plan_runs(checks: list[str], settings: CheckSettings, data: Path, layout: Layout) -> list[Run]:
     """Every process the chosen checks need, with what each waits for."""
     names = {name for check in checks for name in (*reference_runs(check, settings), *OWN_RUNS[check])}
-    runs = [Run(name, [*main_py(), *training_options(settings, data, layout.output(name), TRAINING_FLAGS[name])],
-                layout.log(name), layout.output(name)) for name in TRAINING_FLAGS if name in names]
+    owner = {run: check for check, owned in OWN_RUNS.items() for run in owned}  # whose folder a run writes in
+    runs = [Run(name, [*main_py(), *training_options(settings, data, layout.output(owner[name]), TRAINING_FLAGS[name])],
+                layout.log(owner[name]), layout.output(owner[name])) for name in TRAINING_FLAGS if name in names]
     last = checkpoints.LAST_NAME
     fp32_checkpoint = layout.output("fp32") / last
     if "killed" in names:
@@ -501,6 +502,9 @@ def describe(check: str, figures: dict[str, Any]) -> str:
         difference = figures["max_abs_difference"]
         return "onnxruntime matches PyTorch" + (f" (max abs difference {difference:.1e})" if difference is not None
                                                 else "")
+    if check == "model_ema":
+        return (f"training as fp32's (first step's loss within {figures['first_step_relative_difference']:.1e}); "
+                f"averaged weights validated at Acc@1 {figures['ema_val_acc1']:.3f}, and so under main.py -e")
     if "first_step_relative_difference" in figures:
         text = f"first step's loss within {figures['first_step_relative_difference']:.1e} of fp32's"
     else:
