@@ -29,6 +29,7 @@ from training.data import AugmentSettings, DataSettings, DatasetError, DeviceTra
 from training.device import Capabilities, pin_memory_options
 from training.distributed import Topology
 from training.averaging import ModelEma, NoAverage
+from training.checkpoint import Checkpoint
 from training.data.mixing import build_mixer
 from training.optim import OptimizerSettings, build_optimizer
 from training.config import resolve_options
@@ -262,10 +263,10 @@ def loop_settings(args: argparse.Namespace, topology: Topology, device: torch.de
 
 
 def build_run(command: CommandLine, topology: Topology, device: torch.device, caps: Capabilities,
-              saved: dict[str, Any] | None) -> RunParts:
+              saved: Checkpoint | None) -> RunParts:
     """Resolve the options (typed > the resumed checkpoint's > the recipe's) and build the run."""
     resolution = resolve_options(command.args, command.explicit, topology.process_count,
-                                 saved.get("args") if saved else None)
+                                 saved.options if saved else None)
     args = resolution.args
     args.seed = agree_on_seed(args.seed)
     decisions = decide(args, caps, topology)
@@ -273,7 +274,7 @@ def build_run(command: CommandLine, topology: Topology, device: torch.device, ca
     loaders = build_data(args, spec, topology, device, decisions, args.seed)
     num_classes = num_classes_of(args, loaders.class_names)
     built = build_model(args, spec, num_classes, device, decisions, topology,
-                        saved.get("model_options", {}) if saved else None)
+                        saved.model_options_for(spec.options) if saved else None)
     optimization = build_optimization(args, built.model, caps, decisions)
     identity = RunIdentity(spec.name, num_classes, loaders.class_names,
                            args.image_size or spec.preprocess.input_size, built.options)
