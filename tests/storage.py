@@ -2,8 +2,9 @@
 
 As root (CI, this machine) both are small tmpfs mounts: a full one gives ENOSPC, a
 read-only one EROFS; root ignores permission bits, so a ``chmod`` would prove nothing.
-Without root, a full disk is ``RLIMIT_FSIZE`` in the child process (SIGXFSZ ignored, so the
-write fails with EFBIG) and an unwritable folder is a ``chmod 555`` one (EACCES).
+Without root (or without the right to mount), a full disk is ``RLIMIT_FSIZE`` in the child
+process (SIGXFSZ ignored, so the write fails with EFBIG); without root an unwritable folder
+is a ``chmod 555`` one (EACCES).
 """
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ def _mount_tmpfs(target: Path, options: str) -> None:
                    capture_output=True, text=True)
 
 
+def _try_mount_tmpfs(target: Path, options: str) -> bool:
+    """A container without the right to mount falls back to the file-size limit."""
+    try:
+        _mount_tmpfs(target, options)
+    except subprocess.CalledProcessError:
+        return False
+    return True
+
+
 def _unmount(target: Path) -> None:
     subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
 
@@ -36,8 +46,7 @@ def full_disk(folder: Path, holds: int, free: int) -> Iterator[Callable[[], None
     Yields the ``preexec_fn`` the child must run (no file larger than ``free``), or None when
     the folder is a tmpfs of ``holds + free`` bytes (root).
     """
-    if AS_ROOT:
-        _mount_tmpfs(folder, f"size={holds + free},mode=0755")
+    if AS_ROOT and _try_mount_tmpfs(folder, f"size={holds + free},mode=0755"):
         try:
             yield None
         finally:

@@ -242,8 +242,9 @@ class Checkpoint:
             raise fields.fail("step", f"at most steps_per_epoch ({self.steps_per_epoch})")
         if self.step and self.steps_per_epoch is None:
             raise fields.fail("step", "0 in a file without steps_per_epoch")
-        if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
-            raise fields.fail("class_names", f"{self.num_classes} names, one per class")
+        # --num-classes may make the head larger than the data set's class folders, never smaller.
+        if self.class_names is not None and self.num_classes is not None and len(self.class_names) > self.num_classes:
+            raise fields.fail("class_names", f"at most {self.num_classes} names (num_classes)")
 
     # -- what the file says about the model ----------------------------------------------------
 

@@ -15,11 +15,13 @@ catch such a reduction as an NPU run would.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -199,6 +201,26 @@ def _initialized() -> bool:
 
 # -- collectives --------------------------------------------------------------------------
 
+# What the backends say when a peer died or stopped answering (gloo, NCCL, HCCL, the store).
+_LOST_PEER = re.compile(r"closed by peer|reset by peer|broken pipe|timed out|timeout|aborted|connection refused",
+                        re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _peers(operation: str) -> Iterator[None]:
+    """A collective that fails because another process is gone or stuck becomes one line (the
+    cause is in that process's log, or it was killed); any other failure keeps its traceback."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        if not _LOST_PEER.search(text):
+            raise
+        text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(" This is typically")[0]  # gloo's source location, advice
+        raise DistributedError(f"{operation}: another process of the job is gone or stuck ({text}); its own log "
+                               f"says why") from None
+
+
 def check_collective_dtype(tensor: torch.Tensor, operation: str) -> None:
     """Raise CollectiveDtypeError when the backend would reject ``tensor``'s dtype."""
     allowed = _group.allowed_dtypes
@@ -213,7 +235,8 @@ def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
     check_collective_dtype(values, "all_reduce")
     if _initialized():
         values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        with _peers("summing across processes"):
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 
@@ -226,14 +249,16 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     for buffer in module.buffers():
         check_collective_dtype(buffer, "broadcast")
         if _initialized():
-            dist.broadcast(buffer, src=src)
+            with _peers("sharing rank 0's BatchNorm statistics"):
+                dist.broadcast(buffer, src=src)
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:
     """Rank ``src``'s value on every rank (e.g. the resume path rank 0 chose)."""
     if _initialized():
         holder = [value]
-        dist.broadcast_object_list(holder, src=src, group=_group.control)
+        with _peers("sharing a value of rank 0"):
+            dist.broadcast_object_list(holder, src=src, group=_group.control)
         return holder[0]
     return value
 
@@ -244,13 +269,15 @@ def agree(flags: list[int]) -> list[int]:
         return list(flags)
     values = torch.tensor(flags, dtype=torch.int64)
     check_collective_dtype(values, "all_reduce")
-    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_group.control)
+    with _peers("agreeing with the other processes"):
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_group.control)
     return [int(value) for value in values.tolist()]
 
 
 def barrier() -> None:
     if _initialized():
-        dist.barrier(group=_group.control)
+        with _peers("waiting for the other processes"):
+            dist.barrier(group=_group.control)
 
 
 # -- the ModelZoo launcher: one process per device of this node ------------------------------

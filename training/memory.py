@@ -7,10 +7,11 @@ activations are counted for the run's real batch and image size: the model's for
 runs on the ``meta`` device (shapes only: no memory, no arithmetic) under
 ``torch.autograd.graph.saved_tensors_hooks``, which sees every tensor autograd keeps.
 
-Calibration (AMD EPYC, 2 CPU cores, torch 2.14.1; SGD with momentum, channels-last, one
-process; the peak resident memory of two real steps minus the memory held before them):
-the estimate was 82-92 % of what the steps really added (Xception 299 px batch 8, 160 px
-batch 16, 128 px batch 32; Inception v3 299 px batch 8, fp32 and bf16, 160 px batch 16).
+Calibration (AMD EPYC, 2 CPU cores, torch 2.14.1; ``main.py`` with SGD and momentum,
+channels-last, one process, two steps; what the run added = the peak resident memory the OS
+reports for the process minus what it held at the estimate): the estimate was 63-87 % of
+what the steps really added (Xception 299 px batch 8: 2.00 of 2.29 GiB; 160 px batch 16;
+128 px batch 32 and 4; Inception v3 299 px batch 8, fp32 and bf16, batch 2; 160 px batch 16).
 So a run is refused only when even this lower figure exceeds what is available, and warned
 about from 80 % on. The available memory is the host's (``MemAvailable``, within the
 cgroup's limit, shared by this node's processes) unless the device reports its own
@@ -25,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -133,6 +134,15 @@ def _optimizer_state_slots(optimizer: torch.optim.Optimizer) -> int:
 def _parameter_bytes(model: nn.Module) -> int:
     return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()
                if parameter.requires_grad)
+
+
+def checkpoint_bytes(model_state: Any, optimizer: torch.optim.Optimizer) -> int:
+    """About the size of a checkpoint of ``model_state`` (a ``TrainingState``): the weights, the
+    optimizer's state once it exists, and the averaged copy when one is kept."""
+    model = model_state.model
+    weights = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    averaged = weights if model_state.average.module is not None else 0
+    return weights + averaged + _parameter_bytes(model) * _optimizer_state_slots(optimizer)
 
 
 def estimate_step(model: nn.Module, optimizer: torch.optim.Optimizer, shape: StepShape) -> StepMemory:

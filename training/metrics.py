@@ -233,6 +233,8 @@ class MetricsWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as stream:
+                if stream.tell() and not self._ends_with_newline():
+                    stream.write("\n")  # a line a full disk cut short stays a line of its own
                 stream.write(json.dumps(record, sort_keys=False) + "\n")
         except OSError as error:
             raise WriteError(describe_os_error(self.path, error)) from None
@@ -241,6 +243,11 @@ class MetricsWriter:
                 self._add_scalars(record)
             except OSError as error:
                 self._drop_board(error)
+
+    def _ends_with_newline(self) -> bool:
+        with self.path.open("rb") as stream:
+            stream.seek(-1, 2)
+            return stream.read(1) == b"\n"
 
     def _add_scalars(self, record: dict[str, Any]) -> None:
         step = int(record.get("global_step", record.get("epoch", 0)))
@@ -292,9 +299,18 @@ def _open_tensorboard(output_dir: Path):
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` file, in order."""
-    with Path(path).open(encoding="utf-8") as stream:
-        return [json.loads(line) for line in stream if line.strip()]
+    """All records of a ``metrics.jsonl`` file, in order; a line that is not one (a write cut
+    short by a full disk) is skipped with a warning naming it."""
+    records = []
+    with Path(path).open(encoding="utf-8", errors="replace") as stream:
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("warning: %s line %d is not a JSON record (a write cut short?): skipped", path, number)
+    return records
 
 
 class _RankFormatter(logging.Formatter):

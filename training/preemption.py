@@ -64,6 +64,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: str | None = None
         self._saving_stop = False  # inside the training loop: a stop waits for the step's end and saves
+        self._ended = False  # the run is over (done or failed): a stop signal changes nothing
 
     @property
     def exit_code(self) -> int:
@@ -72,15 +73,21 @@ class StopSignals:
 
     def _handle(self, number: int, _frame) -> None:
         name = signal.Signals(number).name
+        if self._ended:
+            log.warning("%s received while the run ends: ignored", name)
+            return
         first = self.received is None
         if first:
             self.received = name
         if first and self._saving_stop:
             again = "; Ctrl-C again stops at once, without it" if name == "SIGINT" else ""
             log.warning("%s received: stopping after this step and writing a checkpoint%s", name, again)
-        elif first or name == "SIGINT" or self.received == "SIGINT":
-            when = "" if first else (" again" if name == self.received else f" after {self.received}")
-            log.warning("%s received%s: stopping at once; the last checkpoint written is kept", name, when)
+        elif first:
+            log.warning("%s received: stopping at once (there is nothing to save at this point)", name)
+            raise StopNow(self.exit_code)
+        elif name == "SIGINT" or self.received == "SIGINT":
+            when = "again" if name == self.received else f"after {self.received}"
+            log.warning("%s received %s: stopping at once; the last checkpoint written is kept", name, when)
             raise StopNow(self.exit_code)
         else:
             log.warning("%s received while stopping: ignored, the checkpoint is being written", name)
@@ -94,6 +101,16 @@ class StopSignals:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def ended(self) -> Iterator[None]:
+        """Tearing down after the run, however it went: a signal now must not replace its outcome
+        (a failure's message, or the status of a finished run) with a stop."""
+        self._ended = True
+        try:
+            yield
+        finally:
+            self._ended = False
 
     @contextlib.contextmanager
     def saving_stop(self) -> Iterator[None]:

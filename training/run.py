@@ -34,7 +34,7 @@ from training.curves import CurvesWriter
 from training.distributed import DistributedError, NodeLayout, Topology
 from training.engine import (EpochPosition, NonFiniteLossError, TrainingLoss, check_weights_before_saving, evaluate,
                              train_one_epoch)
-from training.memory import NotEnoughMemory, StepShape, check_step_fits, out_of_memory_as_error
+from training.memory import NotEnoughMemory, StepShape, check_step_fits, checkpoint_bytes, out_of_memory_as_error
 from training.metrics import MetricsWriter, RunningSums, setup_logging
 from training.options import CommandLine, parse_command_line, warn_ignored_options
 from training.preemption import RunControl, StopNow, Stopped, StopSignals, forwarded_stop_signals
@@ -147,7 +147,8 @@ def _run_on_device(command: CommandLine, topology: Topology, signals: StopSignal
     try:
         Run(command, topology, device, caps, signals).execute()
     finally:
-        distributed.destroy_process_group()
+        with signals.ended():
+            distributed.destroy_process_group()
 
 
 class Run:
@@ -165,7 +166,8 @@ class Run:
             self._execute(folder)
         finally:
             if folder is not None:
-                folder.release()
+                with self.signals.ended():
+                    folder.release()
 
     def _hold_output_folder(self) -> RunFolder | None:
         """Rank 0 holds the folder (lock, writability, stale temporary files); every rank learns
@@ -195,6 +197,8 @@ class Run:
                 parts.state.restore(saved, resumed, training=not parts.args.evaluate, start_epoch=explicit_start)
             if not parts.args.evaluate:
                 self._check_memory(parts)  # before any file is written: a refused run leaves none
+                if folder is not None:
+                    folder.warn_if_short_of_space(checkpoint_bytes(parts.state, parts.optimization.optimizer))
             writer = MetricsWriter(self.output_dir, enabled=self.topology.is_main)
             self.curves = CurvesWriter(self.output_dir, enabled=self.topology.is_main)
             try:
@@ -204,7 +208,8 @@ class Run:
                     write_args(parts.args, self.output_dir, self.topology)
                     self._train(parts, writer)
             finally:
-                writer.close()
+                with self.signals.ended():
+                    writer.close()
 
     # -- before training ---------------------------------------------------------------------
 
@@ -294,7 +299,7 @@ class Run:
                 writer.write(epoch_record(args, self.topology, state, loaders, record))
                 self.curves.update(writer.records())
                 control.epoch_saved()
-                if control.stop_requested():
+                if epoch + 1 < args.epochs and control.stop_requested():  # after the last epoch: done
                     raise Stopped(control.exit_code)
 
     def _save_mid_epoch(self, state: TrainingState, position: EpochPosition, steps_done: int,
@@ -389,7 +394,7 @@ def checkpoint_to_resume(resume: str | None, output_dir: Path) -> tuple[Path | N
         return Path(resume), checkpoints.read_checkpoint(resume)
     found = checkpoints.find_resume_checkpoint(output_dir)
     if found is None:
-        log.info("--resume auto: no checkpoint yet in %s, starting fresh", output_dir)
+        log.info("--resume auto: no checkpoint yet, starting fresh (%s holds no checkpoint file)", output_dir)
         return None, None
     log.info("--resume auto: resuming from %s", found[0])
     return found

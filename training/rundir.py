@@ -25,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,19 @@ class RunFolder:
             pass  # the folder became unwritable: the OS still drops the lock below
         os.close(self._descriptor)
         self._descriptor = None
+
+    def warn_if_short_of_space(self, checkpoint_bytes: int) -> None:
+        """A warning at start when the folder's file system cannot take this run's checkpoints
+        (``checkpoint.pth.tar`` and ``model_best.pth.tar``, each written beside the old one)."""
+        try:
+            free = shutil.disk_usage(self.path).free
+        except OSError:
+            return
+        held = sum(path.stat().st_size for path in self.run_files() if path.name in RUN_FILES[:2])
+        if free + held < 3 * checkpoint_bytes:
+            log.warning("warning: %s has %.2f GiB free, and a checkpoint of this run takes about %.2f GiB (two "
+                        "files, each written beside the previous one): the run will stop when a save fails",
+                        self.path, free / 2**30, checkpoint_bytes / 2**30)
 
     def _remove_stale_temporaries(self) -> None:
         stale = sorted({path for pattern in TEMPORARY_PATTERNS for path in self.path.glob(pattern) if path.is_file()})
