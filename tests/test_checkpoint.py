@@ -154,13 +154,16 @@ def test_nan_weights_are_refused_by_evaluation_resume_demo_and_export(trained_ch
     ("num_classes", "three", "'num_classes' is 'three', expected a whole number from 1 to 1000000"),
     ("image_size", 10**6, "'image_size' is 1000000, expected a whole number from 1 to 2048"),
     ("best_weights", "both", "'best_weights' is 'both', expected one of model, ema"),
+    ("args", {"epochs": "ten"}, "its option epochs is 'ten', expected a whole number"),
 ])
 def test_metadata_out_of_range_is_one_line(field, value, expected, trained_checkpoint, tiny_data, tmp_path, capsys):
     """Each through the entry point that would have acted on it: resume for the position, the
     demo for what it allocates and shows."""
+    if field == "args":  # one resumed option of the wrong kind among the run's own
+        value = {**torch.load(trained_checkpoint, weights_only=True)["args"], **value}
     path = damaged_copy(trained_checkpoint, tmp_path, "damaged.pth.tar", **{field: value})
     line = f"error: {path}: {expected}; the file is damaged or was not written by this code"
-    if field in ("epoch", "step"):
+    if field in ("epoch", "step", "args"):
         result = run_main(*quick_args(tiny_data, tmp_path / "out", "inception_v3", "--resume", path, "--epochs", "3"))
         assert result.code == 1 and one_error_line(result.output) == line
     else:

@@ -274,6 +274,15 @@ class Checkpoint:
                                   f"have (accepted: {', '.join(accepted)})")
         return dict(self.model_options)
 
+    def check_options(self, expected: Mapping[str, Any], names: Iterable[str]) -> None:
+        """The saved options among ``names`` have the kinds of value ``expected`` holds for them
+        (this code's own values; a None on either side says nothing): a resumed run takes them."""
+        for name in names:
+            value, like = self.options.get(name), expected.get(name)
+            if value is not None and like is not None and not _same_kind(value, like):
+                raise CheckpointError(f"{self.source}: its option {name} is {_shown(value)}, expected "
+                                      f"{_kind(like)}; the file is damaged or was not written by this code")
+
     def inference_weights(self, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
         """The weights to evaluate, demo or export, and which they are ("model" or "ema").
 
@@ -288,6 +297,31 @@ class Checkpoint:
 
     def position(self) -> str:
         return f"epoch {self.epoch}" + (f", step {self.step} of {self.steps_per_epoch}" if self.step else "")
+
+
+def _same_kind(value: Any, like: Any) -> bool:
+    """Whether ``value`` is of the kind ``like`` shows: a bool, an int, a number, a text, one of a
+    frozenset's choices, or a list of such."""
+    if isinstance(like, frozenset):
+        return value in like
+    if isinstance(like, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(like, bool)
+    if isinstance(like, int):
+        return isinstance(value, int)
+    if isinstance(like, float):
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(like, (list, tuple)):
+        return (isinstance(value, (list, tuple)) and len(value) == len(like)
+                and all(_same_kind(item, model) for item, model in zip(value, like)))
+    return isinstance(value, type(like))
+
+
+def _kind(like: Any) -> str:
+    if isinstance(like, (list, tuple)):
+        return f"a list of {len(like)} values"
+    if isinstance(like, frozenset):
+        return "one of " + ", ".join(sorted(map(str, like)))
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a text"}.get(type(like), "a value")
 
 
 # -- files -------------------------------------------------------------------------------------

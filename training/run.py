@@ -29,14 +29,14 @@ from training import device as devices
 from training import distributed
 from training.atomic import WriteError, replace_file
 from training.checkpoint import Checkpoint, first_nonfinite
-from training.config import divide_per_node, resolve_options
+from training.config import RESUMED_OPTIONS, divide_per_node, resolve_options
 from training.curves import CurvesWriter
 from training.distributed import DistributedError, NodeLayout, Topology
 from training.engine import (EpochPosition, NonFiniteLossError, TrainingLoss, check_weights_before_saving, evaluate,
                              train_one_epoch)
 from training.memory import NotEnoughMemory, StepShape, check_step_fits, checkpoint_bytes, out_of_memory_as_error
 from training.metrics import MetricsWriter, RunningSums, setup_logging
-from training.options import CommandLine, parse_command_line, warn_ignored_options
+from training.options import CommandLine, build_parser, parse_command_line, warn_ignored_options
 from training.preemption import RunControl, StopNow, Stopped, StopSignals, forwarded_stop_signals
 from training.rundir import RunFolder, admit
 from training.setup import Loaders, RunParts, build_run, log_start, wrap_for_training
@@ -223,6 +223,7 @@ class Run:
                 path, saved = checkpoint_to_resume(args.resume, self.output_dir)
                 if saved is not None:
                     saved.check_fits(path, args.arch, args.num_classes)
+                    saved.check_options(option_kinds(), RESUMED_OPTIONS)
                 admit(folder, resume=path, auto=args.resume == "auto", evaluate=args.evaluate,
                       overwrite=args.overwrite)
             except UserError as error:
@@ -382,6 +383,21 @@ def write_args(args: Any, output_dir: Path, topology: Topology) -> None:
     if topology.is_main:
         text = json.dumps(_plain(vars(args)), indent=2) + "\n"
         replace_file(output_dir / "args.json", lambda stream: stream.write(text.encode()))
+
+
+def option_kinds() -> dict[str, Any]:
+    """For each option, a value of the kind the parser gives it (a checkpoint's options are checked
+    against these before a resumed run takes them)."""
+    kinds: dict[str, Any] = {}
+    for action in build_parser()._actions:
+        if isinstance(action.const, bool) and action.nargs == 0:
+            example: Any = False  # store_true / store_false
+        else:
+            example = {"int": 0, "float": 0.0}.get(getattr(action.type, "__name__", ""), "")
+            if action.choices is not None:
+                example = frozenset(action.choices)
+        kinds[action.dest] = [example] * action.nargs if isinstance(action.nargs, int) and action.nargs > 1 else example
+    return kinds
 
 
 def checkpoint_to_resume(resume: str | None, output_dir: Path) -> tuple[Path | None, Checkpoint | None]:
