@@ -112,14 +112,11 @@ def test_the_newest_run_gives_its_best_model(tmp_path):
 
 # -- damaged files, through the real entry points ----------------------------------------------------
 
-def damaged_copy(trained_checkpoint, folder, name, **changes):
-    """The trained checkpoint with ``changes`` (its optimizer state left out: none of these gets
-    that far), saved as ``folder/name``."""
-    saved = torch.load(trained_checkpoint, weights_only=True)
-    saved.pop("optimizer")
-    saved.update(changes)
+def damaged_copy(state, folder, name, **changes):
+    """The trained checkpoint (without its optimizer state: none of these gets that far) with
+    ``changes``, saved as ``folder/name``."""
     path = folder / name
-    torch.save(saved, path)
+    torch.save({**state, **changes}, path)
     return path
 
 
@@ -130,12 +127,11 @@ def one_error_line(output: str) -> str:
     return lines[0]
 
 
-def test_nan_weights_are_refused_by_evaluation_resume_demo_and_export(trained_checkpoint, tiny_data, tmp_path,
-                                                                      capsys):
-    weights = torch.load(trained_checkpoint, weights_only=True)["state_dict"]
+def test_nan_weights_are_refused_by_evaluation_resume_demo_and_export(trained_state, tiny_data, tmp_path, capsys):
+    weights = trained_state["state_dict"]
     name = "Mixed_6a.branch3x3.conv.weight"
     damaged = {**weights, name: torch.full_like(weights[name], float("nan"))}
-    path = damaged_copy(trained_checkpoint, tmp_path, "nan.pth.tar", state_dict=damaged)
+    path = damaged_copy(trained_state, tmp_path, "nan.pth.tar", state_dict=damaged)
     expected = (f"error: {path}: the weights are damaged: {name} holds NaN or infinite values (a diverged run, or "
                 f"a corrupted file); use another checkpoint")
     for extra in (["-e", "--resume", path], ["--resume", path, "--epochs", "2"]):
@@ -156,12 +152,12 @@ def test_nan_weights_are_refused_by_evaluation_resume_demo_and_export(trained_ch
     ("best_weights", "both", "'best_weights' is 'both', expected one of model, ema"),
     ("args", {"epochs": "ten"}, "its option epochs is 'ten', expected a whole number"),
 ])
-def test_metadata_out_of_range_is_one_line(field, value, expected, trained_checkpoint, tiny_data, tmp_path, capsys):
+def test_metadata_out_of_range_is_one_line(field, value, expected, trained_state, tiny_data, tmp_path, capsys):
     """Each through the entry point that would have acted on it: resume for the position, the
     demo for what it allocates and shows."""
     if field == "args":  # one resumed option of the wrong kind among the run's own
-        value = {**torch.load(trained_checkpoint, weights_only=True)["args"], **value}
-    path = damaged_copy(trained_checkpoint, tmp_path, "damaged.pth.tar", **{field: value})
+        value = {**trained_state["args"], **value}
+    path = damaged_copy(trained_state, tmp_path, "damaged.pth.tar", **{field: value})
     line = f"error: {path}: {expected}; the file is damaged or was not written by this code"
     if field in ("epoch", "step", "args"):
         result = run_main(*quick_args(tiny_data, tmp_path / "out", "inception_v3", "--resume", path, "--epochs", "3"))
