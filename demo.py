@@ -19,10 +19,10 @@ import torch
 
 import models
 from models.errors import UserError
-from models.loading import load_for_inference
 from training import device as devices
 from training.checkpoint import checkpoint_for_inference
 from training.data.transforms import read_eval_image
+from training.inference import load_for_inference
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_IMAGE = HERE / "demo" / "sample.jpg"

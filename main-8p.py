@@ -4,7 +4,10 @@
 """
 import sys
 
-from training.run import main
-
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        from training.run import main
+
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while torch loads, before the run handles it itself
+        sys.exit(130)

@@ -4,7 +4,7 @@
     python pthtar2onnx.py output/model_best.pth.tar --output inception_v3.onnx
     python pthtar2onnx.py xception.pth -a xception --batch-size 1 --opset 13
 
-Reads what demo.py reads, through the same loader (models.loading): our checkpoints (their
+Reads what demo.py reads, through the same loader (training.inference): our checkpoints (their
 EMA weights when they have them, unless --no-ema), ModelZoo's, bare state dicts with -a.
 With no checkpoint it takes the newest run's under ./output, <repo>/output and
 <repo>/test/output, and says which. The graph is the eval-mode model (Inception's aux head
@@ -25,9 +25,9 @@ import torch
 
 import models
 from models.errors import UserError
-from models.loading import InferenceModel, load_for_inference
 from training.checkpoint import checkpoint_for_inference
 from training.data.transforms import read_eval_image
+from training.inference import InferenceModel, load_for_inference
 
 HERE = Path(__file__).resolve().parent
 SAMPLE_IMAGE = HERE / "demo" / "sample.jpg"

@@ -110,3 +110,14 @@ def trained_checkpoint(tiny_data, tmp_path_factory) -> Path:
     result = run_main(*quick_args(tiny_data, output, "inception_v3", "--max-steps", "2"))
     assert result.code == 0, result.output
     return output / "checkpoint.pth.tar"
+
+
+@pytest.fixture(scope="session")
+def trained_state(trained_checkpoint) -> dict:
+    """``trained_checkpoint`` as loaded, without its optimizer state (for tests that damage copies
+    of it: read once, not once per copy)."""
+    import torch
+
+    state = torch.load(trained_checkpoint, weights_only=True)
+    state.pop("optimizer")
+    return state

@@ -18,10 +18,16 @@ LAUNCH_TIMEOUT = 300  # seconds; a launch normally takes 15-60 s on two busy cor
 
 def launch(command: list[str], log: Path, **env: str) -> subprocess.Popen:
     """Start ``command`` in the repository root, stdout and stderr to ``log``."""
+    return launch_with(command, log, **env)
+
+
+def launch_with(command: list[str], log: Path, preexec_fn=None, **env: str) -> subprocess.Popen:
+    """``launch``, running ``preexec_fn`` in the child first (a umask, a resource limit...)."""
     # Several processes share two cores: one intra-op thread each avoids oversubscription.
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
     with log.open("w") as stream:
-        return subprocess.Popen(command, cwd=REPO, env=environment, stdout=stream, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=REPO, env=environment, stdout=stream, stderr=subprocess.STDOUT,
+                                preexec_fn=preexec_fn)
 
 
 def main_command(*args: object) -> list[str]:

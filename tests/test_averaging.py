@@ -7,13 +7,15 @@ import torch
 from torch import nn
 
 from conftest import metrics_of, quick_args, run_main
-from models.loading import EMA_KEY, load_for_inference
 from training.averaging import ModelEma
 from training.checkpoint import load_checkpoint
 from training.engine import EpochPosition, LoopSettings, StepParts, TrainingLoss, train_one_epoch
+from training.inference import load_for_inference
 from training.precision import FullPrecision, build_precision
 from training.run import best_of
 from training.schedule import LrSchedule
+
+EMA_KEY = "ema_state_dict"  # the file's key for the averaged weights (docs/OUTPUTS.md)
 
 # A constant learning rate: a 1-epoch run is the first half of a 2-epoch one.
 EMA = ("--model-ema", "--model-ema-decay", "0.9", "--model-ema-warmup", "--max-steps", "2", "--image-size", "48",
@@ -35,20 +37,28 @@ def test_ema_is_validated_saved_and_resumed_exactly(tiny_data, tmp_path):
     assert " * EMA Acc@1 " in resumed.output
 
 
-def test_evaluation_uses_the_averaged_weights_unless_told_not_to(tiny_data, tmp_path):
+def test_evaluation_follows_the_weights_that_scored_best_unless_told_not_to(tiny_data, tmp_path):
+    """-e, the demo and the export take the averaged weights when the checkpoint records that
+    they scored best (or does not say), the raw ones when those did, and always with --no-ema."""
     train = tmp_path / "train"
     assert run_main(*quick_args(tiny_data, train, "xception", *EMA)).code == 0
     [record] = metrics_of(train)
-    checkpoint = train / "checkpoint.pth.tar"
-    for extra, weights, key in (([], "ema", "ema_val_acc1"), (["--no-ema"], "model", "val_acc1")):
-        output = tmp_path / weights
-        result = run_main("-a", "xception", "--data", tiny_data, "-j", "0", "-e", "--resume", checkpoint,
-                          "--output_dir", output, *extra)
-        assert result.code == 0, result.output
-        [evaluated] = metrics_of(output)
-        assert evaluated["weights"] == weights and evaluated["val_acc1"] == record[key]
-    assert load_for_inference(checkpoint).weights == "ema"
-    assert load_for_inference(checkpoint, use_ema=False).weights == "model"
+    saved = torch.load(train / "checkpoint.pth.tar", weights_only=True)
+    for best_weights in ("ema", "model"):
+        checkpoint = tmp_path / f"best_{best_weights}.pth.tar"
+        torch.save({**saved, "best_weights": best_weights}, checkpoint)
+        cases = [([], best_weights, f"{'ema_' if best_weights == 'ema' else ''}val_acc1")]
+        if best_weights == "ema":
+            cases.append((["--no-ema"], "model", "val_acc1"))
+        for extra, weights, key in cases:
+            output = tmp_path / f"{best_weights}{''.join(extra)}"
+            result = run_main("-a", "xception", "--data", tiny_data, "-j", "0", "-e", "--resume", checkpoint,
+                              "--output_dir", output, *extra)
+            assert result.code == 0, result.output
+            [evaluated] = metrics_of(output)
+            assert evaluated["weights"] == weights and evaluated["val_acc1"] == record[key]
+        assert load_for_inference(checkpoint).weights == best_weights
+        assert load_for_inference(checkpoint, use_ema=False).weights == "model"
 
 
 def test_the_best_checkpoint_follows_the_better_weights():

@@ -19,7 +19,7 @@ import torch
 import models
 from awkward_files import add_awkward_files
 from conftest import TINY_IMAGE_SIZE, free_port, metrics_of, run_main
-from processes import finish, launch, run_to_end, wait_for_file, wait_for_line, worker_of
+from processes import finish, launch, main_command, run_to_end, wait_for_file, wait_for_line, worker_of
 from training import checkpoint as checkpoints
 from training.data.imagefolder import build_datasets, build_loader
 from training.data.sampling import EvalShardSampler
@@ -286,3 +286,34 @@ def test_validation_on_shards_is_the_imagefolders_on_1_2_and_3_processes(tiny_da
         [record] = metrics_of(output)
         assert (record["val_images"], record["val_acc1"], record["val_acc5"]) == \
             (15, alone["val_acc1"], alone["val_acc5"]), (nproc, record)
+
+
+# -- a cluster's environment without a launcher ---------------------------------------------------
+
+@pytest.mark.parametrize("env, expected", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK is not: start the processes with torchrun"),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "RANK=1 and WORLD_SIZE=2 are set but MASTER_ADDR and MASTER_PORT are not"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' in the environment is not a whole number >= 1"),
+    ({"RANK": "5", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "RANK=5 is outside 0..1 (WORLD_SIZE=2)"),
+])
+def test_a_clusters_variables_without_a_launcher_are_one_line(env, expected, tiny_data, tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = run_main(*tiny_args(tiny_data, tmp_path / "out"))
+    assert result.code == 1 and "Traceback" not in result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert line.startswith(f"error: {expected}"), line
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_peer_that_never_starts_is_one_line_after_the_timeout(tiny_data, tmp_path):
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    code, text = run_to_end(main_command(*tiny_args(tiny_data, tmp_path / "out"), "--dist-timeout", "3"),
+                            tmp_path / "log", **env)
+    assert code == 1 and "Traceback" not in text, text
+    [line] = [line for line in text.splitlines() if "error: " in line]
+    assert "error: rank 0: the 2 processes of the job did not form a process group (--dist-timeout 3s): " in line
+    assert line.endswith(f"check that every rank 0..1 was started and can reach 127.0.0.1:{env['MASTER_PORT']}")

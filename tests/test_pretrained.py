@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import models
 from conftest import TINY_IMAGE_SIZE, quick_args, run_main
-from models.loading import load_for_inference
+from training.inference import load_for_inference
 from models.pretrained import INCEPTION_V3_IMAGENET, XCEPTION_IMAGENET, huggingface_cache, torch_hub_file
 from training.config import resolve_options
 from training.distributed import Topology

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import socket
 
 import pytest
 import torch
 
 from conftest import metrics_of, run_main, step_records
-from processes import launch, finish, main_command, run_to_end, wait_for_line
+from processes import finish, launch, launch_with, main_command, run_to_end, wait_for_line
 from training.checkpoint import load_checkpoint
-from training.preemption import PREEMPTED_EXIT_CODE
+from training.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, StopNow, StopSignals
 
 LR = 0.01
 SIZE = 48  # Xception takes small inputs: fast steps
@@ -142,3 +144,71 @@ def test_a_mid_epoch_checkpoint_maps_to_the_same_fraction_of_the_epoch(tiny_data
     first = next(record for record in step_records(output) if record["steps"] == 8)
     assert (first["epoch"], first["step"]) == (0, 5)
     assert first["lr"] == pytest.approx(LR * (1 + math.cos(math.pi * 0.5 / 2)) / 2)
+
+
+# -- Ctrl-C, and the folder a live run holds ---------------------------------------------------
+
+def test_ctrl_c_stops_at_the_step_with_a_checkpoint_and_a_live_run_keeps_its_folder(tiny_data, tmp_path):
+    output, log = tmp_path / "out", tmp_path / "log"
+    args = run_args(tiny_data, output, "--epochs", "50", "--save-every", "0")
+    # A team's umask (group-writable): the checkpoint must get it, not a private 0600.
+    process = launch_with(main_command(*args), log, preexec_fn=lambda: os.umask(0o002))
+    wait_for_line(r"^Epoch: \[0\]\[1/4\]", process, log)
+    for second in (args, [*args, "--resume", "auto"]):
+        refused = run_main(*second)
+        assert refused.code == 1 and "Traceback" not in refused.output
+        assert (f"error: {output} is in use by another run (host {socket.gethostname()}, pid {process.pid}, "
+                f"started ") in refused.output
+    process.send_signal(signal.SIGINT)
+    text = finish(process, log)
+    assert process.returncode == INTERRUPTED_EXIT_CODE, text
+    assert "SIGINT received: stopping after this step and writing a checkpoint" in text and "Traceback" not in text
+    saved = load_checkpoint(output / "checkpoint.pth.tar")
+    assert saved["epoch"] == 0 and 1 <= saved["step"] <= 4
+    assert f"saved {output / 'checkpoint.pth.tar'} at epoch 0 step {saved['step']} of 4" in text
+    assert (output / "checkpoint.pth.tar").stat().st_mode & 0o777 == 0o664
+    assert not (output / ".run.lock").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
+    """Steps of a few seconds (Inception v3 at 299 px), so the second Ctrl-C lands in the step
+    the first one let finish."""
+    output, log = tmp_path / "out", tmp_path / "log"
+    args = ["-a", "inception_v3", "--data", tiny_data, "--output_dir", output, "--image-size", "299", "-b", "2",
+            "-j", "0", "--max-steps", "6", "--save-every-steps", "1", "--print-freq", "1", "--progress", "lines"]
+    process = launch(main_command(*args), log)
+    wait_for_line(r"saved .* at epoch 0 step 1 of 6", process, log)
+    kept = (output / "checkpoint.pth.tar").read_bytes()
+    process.send_signal(signal.SIGINT)
+    wait_for_line("SIGINT received: stopping after this step", process, log)
+    process.send_signal(signal.SIGINT)
+    text = finish(process, log)
+    assert process.returncode == INTERRUPTED_EXIT_CODE, text
+    assert "SIGINT received again: stopping at once; the last checkpoint written is kept" in text
+    assert "Traceback" not in text and "saved" not in text.split("SIGINT received again")[1]
+    assert (output / "checkpoint.pth.tar").read_bytes() == kept
+    assert not list(output.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("first", ["SIGINT", "SIGTERM"])
+def test_which_signals_stop_at_once(first):
+    """The policy on real signals sent to this process: outside the training loop any stop
+    signal stops at once; inside, the first waits for the step's end, a repeated SIGTERM is
+    ignored, and a SIGINT (after anything) or anything after a SIGINT stops at once."""
+    number = getattr(signal, first)
+    code = INTERRUPTED_EXIT_CODE if first == "SIGINT" else PREEMPTED_EXIT_CODE
+    signals = StopSignals()
+    with signals.installed():
+        with pytest.raises(StopNow) as outside:
+            signal.raise_signal(number)
+        assert outside.value.exit_code == code
+    signals = StopSignals()
+    with signals.installed(), signals.saving_stop():
+        signal.raise_signal(number)
+        assert (signals.received, signals.exit_code) == (first, code)
+        if first == "SIGTERM":
+            signal.raise_signal(signal.SIGTERM)  # while the checkpoint is written: ignored
+        with pytest.raises(StopNow) as insisted:
+            signal.raise_signal(signal.SIGINT if first == "SIGTERM" else signal.SIGTERM)
+        assert insisted.value.exit_code == code
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from training.atomic import WriteError, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +61,10 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike) ->
         if axis.lines:
             axis.legend(fontsize="small")
     figure.tight_layout()
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=90)
-        os.replace(temporary, path)
+        return replace_file(path, lambda stream: figure.savefig(stream, format="png", dpi=90))
     finally:
         pyplot.close(figure)
-        Path(temporary).unlink(missing_ok=True)
-    return path
 
 
 class CurvesWriter:
@@ -87,3 +82,5 @@ class CurvesWriter:
         except ImportError:
             log.warning("warning: curves.png is not drawn: matplotlib is not installed (pip install matplotlib)")
             self.enabled = False
+        except WriteError as error:  # a picture is not worth stopping the run for; the checkpoints say the rest
+            log.warning("warning: curves.png is not drawn: %s", error)

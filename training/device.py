@@ -330,6 +330,20 @@ def use_stream(stream: Any, device: torch.device) -> ContextManager[Any]:
     return device_api(device.type).stream(stream)
 
 
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes an accelerator can still allocate for this process (free device memory, plus what
+    torch's caching allocator holds unused); None for the CPU, MPS, or where unknown: their
+    memory is the host's."""
+    api = device_api(device.type)
+    reader = getattr(api, "mem_get_info", None)
+    if not callable(reader):
+        return None
+    free, _total = reader(device)
+    reserved, allocated = getattr(api, "memory_reserved", None), getattr(api, "memory_allocated", None)
+    cached = int(reserved(device)) - int(allocated(device)) if callable(reserved) and callable(allocated) else 0
+    return int(free) + max(cached, 0)
+
+
 def peak_memory_bytes(device: torch.device) -> int | None:
     api = device_api(device.type)
     reader = getattr(api, "max_memory_allocated", None)

@@ -15,11 +15,13 @@ catch such a reduction as an NPU run would.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -58,13 +60,54 @@ class Topology:
         return self.process_rank == 0
 
 
+def _variable(env: dict[str, str], name: str, low: int, high: int | None = None) -> int | None:
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        limits = f"{low}..{high}" if high is not None else f">= {low}"
+        raise DistributedError(f"{name}={text!r} in the environment is not a whole number {limits}")
+    return value
+
+
+_LAUNCH_HINT = "start the processes with torchrun (torchrun --nproc_per_node N main.py ...), which sets them all"
+
+
 def from_environment(env: dict[str, str] | None = None) -> Topology:
-    """The layout torchrun (or :func:`spawn`) put in the environment."""
+    """The layout torchrun (or :func:`spawn`) put in the environment.
+
+    A partial or inconsistent one (a cluster's variables without a launcher: WORLD_SIZE
+    without RANK, a RANK outside the world, no MASTER_ADDR) is a ``DistributedError`` at
+    once, instead of a process that waits for peers that never come.
+    """
     env = os.environ if env is None else env
-    count = int(env.get("WORLD_SIZE", "1"))
-    return Topology(process_rank=int(env.get("RANK", "0")), process_count=count,
-                    local_rank=int(env.get("LOCAL_RANK", "0")),
-                    local_process_count=int(env.get("LOCAL_WORLD_SIZE", str(count))))
+    count = _variable(env, "WORLD_SIZE", 1)
+    rank = _variable(env, "RANK", 0)
+    if count is not None and count > 1 and rank is None:
+        raise DistributedError(f"WORLD_SIZE={count} is set but RANK is not: {_LAUNCH_HINT}, or unset WORLD_SIZE "
+                               f"to train in one process")
+    if rank and count is None:
+        raise DistributedError(f"RANK={rank} is set but WORLD_SIZE is not: {_LAUNCH_HINT}")
+    count, rank = count or 1, rank or 0
+    if rank >= count:
+        raise DistributedError(f"RANK={rank} is outside 0..{count - 1} (WORLD_SIZE={count}): {_LAUNCH_HINT}")
+    if count > 1:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name, "").strip()]
+        if missing:
+            raise DistributedError(f"RANK={rank} and WORLD_SIZE={count} are set but {' and '.join(missing)} "
+                                   f"{'is' if len(missing) == 1 else 'are'} not, so the processes cannot find each "
+                                   f"other: {_LAUNCH_HINT}, or set MASTER_ADDR and MASTER_PORT to rank 0's machine")
+        _variable(env, "MASTER_PORT", 1, 65535)
+    local_count = _variable(env, "LOCAL_WORLD_SIZE", 1) or count
+    local_rank = _variable(env, "LOCAL_RANK", 0) or 0
+    if local_rank >= local_count:
+        raise DistributedError(f"LOCAL_RANK={local_rank} is outside 0..{local_count - 1} "
+                               f"(LOCAL_WORLD_SIZE={local_count}): {_LAUNCH_HINT}")
+    return Topology(process_rank=rank, process_count=count, local_rank=local_rank, local_process_count=local_count)
 
 
 # -- the process group ------------------------------------------------------------------------
@@ -104,9 +147,20 @@ def init_process_group(topology: Topology, backend: str, device: torch.device, t
         options["init_method"] = "env://"
     if backend == "nccl" and device.index is not None:
         options["device_id"] = device  # binds the communicator eagerly to this device
-    dist.init_process_group(**options)
-    # Host-side flags (stop, save now) are agreed on a CPU group: no device sync per step.
-    _group.control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    try:
+        dist.init_process_group(**options)
+        # Host-side flags (stop, save now) are agreed on a CPU group: no device sync per step.
+        _group.control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    except (RuntimeError, ValueError) as error:  # torch's DistError family, and the store's connection errors
+        raise DistributedError(_no_group(topology, timeout_s, error)) from None
+
+
+def _no_group(topology: Topology, timeout_s: int, error: Exception) -> str:
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return (f"rank {topology.process_rank}: the {topology.process_count} processes of the job did not form a "
+            f"process group (--dist-timeout {timeout_s}s): {text}; check that every rank 0..{topology.process_count - 1} "
+            f"was started and can reach {address}")
 
 
 def _restart_store(topology: Topology, timeout: datetime.timedelta) -> dist.Store | None:
@@ -121,8 +175,11 @@ def _restart_store(topology: Topology, timeout: datetime.timedelta) -> dist.Stor
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), topology.process_count,
-                          is_master=False, timeout=timeout)
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), topology.process_count,
+                              is_master=False, timeout=timeout)
+    except (RuntimeError, ValueError) as error:
+        raise DistributedError(_no_group(topology, int(timeout.total_seconds()), error)) from None
     return dist.PrefixStore(f"/worker/attempt_{attempt}", store)
 
 
@@ -144,6 +201,26 @@ def _initialized() -> bool:
 
 # -- collectives --------------------------------------------------------------------------
 
+# What the backends say when a peer died or stopped answering (gloo, NCCL, HCCL, the store).
+_LOST_PEER = re.compile(r"closed by peer|reset by peer|broken pipe|timed out|timeout|aborted|connection refused",
+                        re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _peers(operation: str) -> Iterator[None]:
+    """A collective that fails because another process is gone or stuck becomes one line (the
+    cause is in that process's log, or it was killed); any other failure keeps its traceback."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        if not _LOST_PEER.search(text):
+            raise
+        text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(" This is typically")[0]  # gloo's source location, advice
+        raise DistributedError(f"{operation}: another process of the job is gone or stuck ({text}); its own log "
+                               f"says why") from None
+
+
 def check_collective_dtype(tensor: torch.Tensor, operation: str) -> None:
     """Raise CollectiveDtypeError when the backend would reject ``tensor``'s dtype."""
     allowed = _group.allowed_dtypes
@@ -158,7 +235,8 @@ def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
     check_collective_dtype(values, "all_reduce")
     if _initialized():
         values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        with _peers("summing across processes"):
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 
@@ -171,14 +249,16 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     for buffer in module.buffers():
         check_collective_dtype(buffer, "broadcast")
         if _initialized():
-            dist.broadcast(buffer, src=src)
+            with _peers("sharing rank 0's BatchNorm statistics"):
+                dist.broadcast(buffer, src=src)
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:
     """Rank ``src``'s value on every rank (e.g. the resume path rank 0 chose)."""
     if _initialized():
         holder = [value]
-        dist.broadcast_object_list(holder, src=src, group=_group.control)
+        with _peers("sharing a value of rank 0"):
+            dist.broadcast_object_list(holder, src=src, group=_group.control)
         return holder[0]
     return value
 
@@ -189,13 +269,15 @@ def agree(flags: list[int]) -> list[int]:
         return list(flags)
     values = torch.tensor(flags, dtype=torch.int64)
     check_collective_dtype(values, "all_reduce")
-    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_group.control)
+    with _peers("agreeing with the other processes"):
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_group.control)
     return [int(value) for value in values.tolist()]
 
 
 def barrier() -> None:
     if _initialized():
-        dist.barrier(group=_group.control)
+        with _peers("waiting for the other processes"):
+            dist.barrier(group=_group.control)
 
 
 # -- the ModelZoo launcher: one process per device of this node ------------------------------
@@ -237,10 +319,11 @@ def rendezvous_address(dist_url: str | None, addr: str | None, port: int | None)
     return addr or url_host or DEFAULT_HOST, port or url_port or DEFAULT_PORT
 
 
-def spawn(worker: Callable[..., int], layout: NodeLayout, *args: Any) -> None:
-    """One process per device of ``layout`` on this node, each with torchrun's environment."""
-    torch.multiprocessing.spawn(_spawned_entry, nprocs=len(layout.device_ids), join=True,
-                                args=(worker, layout, args))
+def spawn(worker: Callable[..., int], layout: NodeLayout, *args: Any) -> torch.multiprocessing.ProcessContext:
+    """Start one process per device of ``layout`` on this node, each with torchrun's environment;
+    the caller joins them (``join()`` until it returns True)."""
+    return torch.multiprocessing.start_processes(_spawned_entry, nprocs=len(layout.device_ids), join=False,
+                                                 args=(worker, layout, args), start_method="spawn")
 
 
 def set_process_environment(layout: NodeLayout, local_rank: int) -> None:

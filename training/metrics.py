@@ -6,16 +6,19 @@ so the training step never waits for the host. The line formats are in docs/OUTP
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from training import device as devices
+from training.atomic import WriteError, describe_os_error
 from training.distributed import sum_across_ranks
 
 log = logging.getLogger(__name__)
@@ -213,7 +216,11 @@ _POSITION_KEYS = ("epoch", "epochs", "step", "steps", "global_step")
 
 
 class MetricsWriter:
-    """Rank 0's ``metrics.jsonl`` and, when tensorboard is installed, its scalars."""
+    """Rank 0's ``metrics.jsonl`` and, when tensorboard is installed, its scalars.
+
+    A ``metrics.jsonl`` that cannot be written stops the run (``WriteError``, one line); the
+    TensorBoard copy of the same figures is dropped with a warning instead.
+    """
 
     def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled
@@ -223,15 +230,38 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps(record, sort_keys=False) + "\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as stream:
+                if stream.tell() and not self._ends_with_newline():
+                    stream.write("\n")  # a line a full disk cut short stays a line of its own
+                stream.write(json.dumps(record, sort_keys=False) + "\n")
+        except OSError as error:
+            raise WriteError(describe_os_error(self.path, error)) from None
         if self._board is not None:
-            step = int(record.get("global_step", record.get("epoch", 0)))
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _POSITION_KEYS:
-                    self._board.add_scalar(f"{record.get('mode', 'train')}/{key}", value, step)
-            self._board.flush()
+            try:
+                self._add_scalars(record)
+            except OSError as error:
+                self._drop_board(error)
+
+    def _ends_with_newline(self) -> bool:
+        with self.path.open("rb") as stream:
+            stream.seek(-1, 2)
+            return stream.read(1) == b"\n"
+
+    def _add_scalars(self, record: dict[str, Any]) -> None:
+        step = int(record.get("global_step", record.get("epoch", 0)))
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _POSITION_KEYS:
+                self._board.add_scalar(f"{record.get('mode', 'train')}/{key}", value, step)
+        self._board.flush()
+
+    def _drop_board(self, error: OSError) -> None:
+        log.warning("warning: the TensorBoard scalars are no longer written: %s",
+                    describe_os_error(self.path.parent, error))
+        board, self._board = self._board, None
+        with contextlib.suppress(OSError):
+            board.close()
 
     def records(self) -> list[dict[str, Any]]:
         """Everything in ``metrics.jsonl`` so far (a resumed run's earlier records too)."""
@@ -239,7 +269,19 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self._board is not None:
-            self._board.close()
+            with contextlib.suppress(OSError):
+                self._board.close()
+
+
+def _quiet_board_thread_errors(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """tensorboard writes from a thread of its own, which would print a traceback when the disk
+    is full: its OS errors become one warning line (the next flush drops the board)."""
+    def hook(failure: Any) -> None:
+        if isinstance(failure.exc_value, OSError) and type(failure.thread).__module__.startswith("tensorboard"):
+            log.warning("warning: TensorBoard cannot write: %s", failure.exc_value.strerror or failure.exc_value)
+        else:
+            previous(failure)
+    return hook
 
 
 def _open_tensorboard(output_dir: Path):
@@ -247,13 +289,28 @@ def _open_tensorboard(output_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(log_dir=str(output_dir))
+    if not getattr(threading.excepthook, "quiets_board_errors", False):
+        threading.excepthook = _quiet_board_thread_errors(threading.excepthook)
+        threading.excepthook.quiets_board_errors = True
+    try:
+        return SummaryWriter(log_dir=str(output_dir))
+    except OSError as error:
+        raise WriteError(describe_os_error(output_dir, error, "cannot write TensorBoard files into")) from None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` file, in order."""
-    with Path(path).open(encoding="utf-8") as stream:
-        return [json.loads(line) for line in stream if line.strip()]
+    """All records of a ``metrics.jsonl`` file, in order; a line that is not one (a write cut
+    short by a full disk) is skipped with a warning naming it."""
+    records = []
+    with Path(path).open(encoding="utf-8", errors="replace") as stream:
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("warning: %s line %d is not a JSON record (a write cut short?): skipped", path, number)
+    return records
 
 
 class _RankFormatter(logging.Formatter):

@@ -235,8 +235,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output_dir", "--output-dir", dest="output_dir", default="output", metavar="DIR",
                        help="checkpoints, metrics.jsonl, args.json and TensorBoard logs")
     group.add_argument("--resume", default=None, metavar="FILE|auto",
-                       help="continue from a checkpoint, at the exact step it was written; 'auto' picks "
-                            "the newest valid one in --output_dir (and starts fresh if there is none)")
+                       help="continue from a checkpoint, at the exact step it was written; 'auto' takes "
+                            "--output_dir's own (and starts fresh when it holds no checkpoint file)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --output_dir: remove the files main.py writes there "
+                            "(a new run into such a folder is refused otherwise)")
     group.add_argument("--save-every", type=_non_negative_float, default=30.0, metavar="MINUTES",
                        help="also write checkpoint.pth.tar inside an epoch every MINUTES minutes (0: off)")
     group.add_argument("--save-every-steps", type=int, default=0, metavar="N",
@@ -383,6 +386,8 @@ def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--evaluate needs weights: --resume FILE or --pretrained [FILE]")
     if args.evaluate and args.resume == "auto":
         parser.error("--evaluate needs an explicit --resume FILE, not 'auto'")
+    if args.overwrite and (args.evaluate or args.resume == "auto"):
+        parser.error(f"--overwrite replaces a run; it does not go with {'-e' if args.evaluate else '--resume auto'}")
     if args.device_list is not None:
         try:
             args.device_list = [int(part) for part in args.device_list.split(",") if part.strip()]

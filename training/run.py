@@ -2,10 +2,14 @@
 
 ``main()`` runs one worker in this process (plain or under torchrun), or, for ModelZoo's
 ``--multiprocessing-distributed``, one per device of the node. ``worker()`` binds the
-device and joins the process group; ``Run`` builds the run (``training.setup``) and loops
-over epochs. Exit status: 0 done, 1 a user error (one line, no traceback), 2 bad options,
-75 (``PREEMPTED_EXIT_CODE``) stopped on SIGTERM/SIGUSR1 after writing a checkpoint; a bug
-keeps its traceback.
+device and joins the process group; ``Run`` holds the output folder (``training.rundir``),
+builds the run (``training.setup``) and loops over epochs.
+
+Exit status (docs/RESUME.md): 0 done, also for ``--resume`` of a finished run; 1 a user
+error (one line, no traceback) or a bug (with its traceback); 2 bad options; 75
+(``PREEMPTED_EXIT_CODE``) stopped by SIGTERM or SIGUSR1 after writing a checkpoint; 130
+(``INTERRUPTED_EXIT_CODE``) stopped by Ctrl-C: after writing a checkpoint at the first, at
+once at the second. Every rank of a job exits with the same status.
 """
 from __future__ import annotations
 
@@ -17,25 +21,47 @@ from typing import Any
 import torch
 from torch import nn
 
+import models
 from models.errors import UserError
-from models.loading import EMA_KEY
 from models.weights import load_weights
 from training import checkpoint as checkpoints
 from training import device as devices
 from training import distributed
-from training.config import divide_per_node
-from training.distributed import DistributedError, NodeLayout, Topology
-from training.engine import EpochPosition, TrainingLoss, check_weights_before_saving, evaluate, train_one_epoch
+from training.atomic import WriteError, replace_file
+from training.checkpoint import Checkpoint, first_nonfinite
+from training.config import RESUMED_OPTIONS, divide_per_node, resolve_options
 from training.curves import CurvesWriter
+from training.distributed import DistributedError, NodeLayout, Topology
+from training.engine import (EpochPosition, NonFiniteLossError, TrainingLoss, check_weights_before_saving, evaluate,
+                             train_one_epoch)
+from training.memory import NotEnoughMemory, StepShape, check_step_fits, checkpoint_bytes, out_of_memory_as_error
 from training.metrics import MetricsWriter, RunningSums, setup_logging
-from training.options import CommandLine, parse_command_line, warn_ignored_options
-from training.preemption import PREEMPTED_EXIT_CODE, Preempted, RunControl, StopSignals
+from training.options import CommandLine, build_parser, parse_command_line, warn_ignored_options
+from training.preemption import RunControl, StopNow, Stopped, StopSignals, forwarded_stop_signals
+from training.rundir import RunFolder, admit
 from training.setup import Loaders, RunParts, build_run, log_start, wrap_for_training
 from training.state import TrainingState
 
 log = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 1
+
+
+class ReportedElsewhere(Exception):
+    """A failure another rank of the job reports; this rank exits with status 1 quietly."""
+
+
+def fail_together(error: UserError | None, topology: Topology) -> None:
+    """Raise on every rank when any rank has an ``error`` (a collective: all ranks call it).
+
+    The failing ranks say why (rank 0 alone when it is among them); the others exit quietly.
+    """
+    failed, main_failed = distributed.agree([int(error is not None), int(topology.is_main and error is not None)])
+    if not failed:
+        return
+    if error is not None and (topology.is_main or not main_failed):
+        raise error
+    raise ReportedElsewhere()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,19 +95,28 @@ def launch_node(command: CommandLine) -> int:
 
 
 def _spawn(layout: NodeLayout, command: CommandLine) -> int:
-    try:
-        distributed.spawn(worker, layout, command)
-    except torch.multiprocessing.ProcessExitedException as error:
-        return error.exit_code if error.exit_code and error.exit_code > 0 else EXIT_USER_ERROR
-    except torch.multiprocessing.ProcessRaisedException as error:
-        log.error("error: a training process failed: %s", str(error).strip().splitlines()[-1])
-        return EXIT_USER_ERROR
+    """Run the node's processes; stop signals sent to this one reach them (docs/RESUME.md)."""
+    processes = distributed.spawn(worker, layout, command)
+    with forwarded_stop_signals([process.pid for process in processes.processes]):
+        try:
+            while not processes.join():
+                pass
+        except torch.multiprocessing.ProcessExitedException as error:
+            return error.exit_code if error.exit_code and error.exit_code > 0 else EXIT_USER_ERROR
+        except torch.multiprocessing.ProcessRaisedException as error:
+            log.error("error: a training process failed: %s", str(error).strip().splitlines()[-1])
+            return EXIT_USER_ERROR
     return 0
 
 
 def worker(command: CommandLine, device_index: int | None = None) -> int:
     """One process of the job: bind the device, join the process group, run; the exit status."""
-    topology = distributed.from_environment()
+    try:
+        topology = distributed.from_environment()
+    except DistributedError as error:
+        setup_logging(0, 1)
+        log.error("error: %s", error)
+        return EXIT_USER_ERROR
     setup_logging(topology.process_rank, topology.process_count)
     if topology.is_main:
         warn_ignored_options(command.args)
@@ -89,8 +124,10 @@ def worker(command: CommandLine, device_index: int | None = None) -> int:
     with signals.installed():
         try:
             _run_on_device(command, topology, signals, device_index)
-        except Preempted:
-            return PREEMPTED_EXIT_CODE
+        except (Stopped, StopNow) as stop:
+            return stop.exit_code
+        except ReportedElsewhere:
+            return EXIT_USER_ERROR
         except UserError as error:
             log.error("error: %s", error)
             return EXIT_USER_ERROR
@@ -110,11 +147,12 @@ def _run_on_device(command: CommandLine, topology: Topology, signals: StopSignal
     try:
         Run(command, topology, device, caps, signals).execute()
     finally:
-        distributed.destroy_process_group()
+        with signals.ended():
+            distributed.destroy_process_group()
 
 
 class Run:
-    """One process's run: build it, then evaluate, or train epoch by epoch."""
+    """One process's run: hold the output folder, build the run, then evaluate or train epoch by epoch."""
 
     def __init__(self, command: CommandLine, topology: Topology, device: torch.device,
                  caps: devices.Capabilities, signals: StopSignals | None = None):
@@ -123,27 +161,114 @@ class Run:
         self.output_dir = Path(command.args.output_dir)
 
     def execute(self) -> None:
-        resumed, saved = checkpoint_to_resume(self.command.args.resume, self.output_dir, self.topology)
-        parts = build_run(self.command, self.topology, self.device, self.caps, saved)
-        self.args = parts.args
-        log_start(parts, self.topology, self.device)
-        if saved:
-            explicit_start = parts.args.start_epoch if "start_epoch" in self.command.explicit else None
-            parts.state.restore(saved, resumed, training=not parts.args.evaluate, start_epoch=explicit_start)
-        writer = MetricsWriter(self.output_dir, enabled=self.topology.is_main)
-        self.curves = CurvesWriter(self.output_dir, enabled=self.topology.is_main)
+        folder = self._hold_output_folder()
         try:
-            if parts.args.evaluate:
-                averaged = use_averaged_weights(parts.state.model, saved, parts.args.eval_ema)
-                metrics = evaluate(parts.state.model, parts.loaders.val, nn.CrossEntropyLoss(),
-                                   parts.state.precision, parts.settings, averaged=averaged)
-                writer.write({"mode": "evaluate", "epoch": parts.state.epoch, "arch": parts.args.arch,
-                              "weights": "ema" if averaged else "model", **metrics})
-            else:
-                write_args(parts.args, self.output_dir, self.topology)
-                self._train(parts, writer)
+            self._execute(folder)
         finally:
-            writer.close()
+            if folder is not None:
+                with self.signals.ended():
+                    folder.release()
+
+    def _hold_output_folder(self) -> RunFolder | None:
+        """Rank 0 holds the folder (lock, writability, stale temporary files); every rank learns
+        whether it could."""
+        folder, failure = None, None
+        if self.topology.is_main:
+            try:
+                folder = RunFolder.claim(self.output_dir)
+            except UserError as error:
+                failure = error
+        fail_together(failure, self.topology)
+        return folder
+
+    def _execute(self, folder: RunFolder | None) -> None:
+        args = self.command.args
+        resumed, saved = self._checkpoint_to_resume(folder)
+        if saved is not None and not args.evaluate and self._finished(saved, resumed):
+            return
+        self.batch: tuple[int | None, int | None] = (args.batch_size, args.image_size)
+        with out_of_memory_as_error(lambda: self.batch, self.device):
+            parts = build_run(self.command, self.topology, self.device, self.caps, saved)
+            self.args = parts.args
+            self.batch = (parts.loaders.batch_size, parts.state.identity.image_size)
+            log_start(parts, self.topology, self.device)
+            if saved is not None:
+                explicit_start = parts.args.start_epoch if "start_epoch" in self.command.explicit else None
+                parts.state.restore(saved, resumed, training=not parts.args.evaluate, start_epoch=explicit_start)
+            if not parts.args.evaluate:
+                self._check_memory(parts)  # before any file is written: a refused run leaves none
+                if folder is not None:
+                    folder.warn_if_short_of_space(checkpoint_bytes(parts.state, parts.optimization.optimizer))
+            writer = MetricsWriter(self.output_dir, enabled=self.topology.is_main)
+            self.curves = CurvesWriter(self.output_dir, enabled=self.topology.is_main)
+            try:
+                if parts.args.evaluate:
+                    self._evaluate(parts, saved, writer)
+                else:
+                    write_args(parts.args, self.output_dir, self.topology)
+                    self._train(parts, writer)
+            finally:
+                with self.signals.ended():
+                    writer.close()
+
+    # -- before training ---------------------------------------------------------------------
+
+    def _checkpoint_to_resume(self, folder: RunFolder | None) -> tuple[Path | None, Checkpoint | None]:
+        """``--resume``'s checkpoint and its checked contents; rank 0 finds and checks it (``auto``)
+        and applies the folder policy, then every other rank reads the file it named."""
+        args = self.command.args
+        path, saved, failure = None, None, None
+        if self.topology.is_main:
+            try:
+                path, saved = checkpoint_to_resume(args.resume, self.output_dir)
+                if saved is not None:
+                    saved.check_fits(path, args.arch, args.num_classes)
+                    saved.check_options(option_kinds(), RESUMED_OPTIONS)
+                admit(folder, resume=path, auto=args.resume == "auto", evaluate=args.evaluate,
+                      overwrite=args.overwrite)
+            except UserError as error:
+                failure = error
+        fail_together(failure, self.topology)
+        path = distributed.broadcast_object(path)
+        if path is not None and saved is None:
+            saved = checkpoints.read_checkpoint(path)
+        return path, saved
+
+    def _finished(self, saved: Checkpoint, source: Path) -> bool:
+        """A resumed run with nothing left to train says so (and the process exits with 0)."""
+        explicit = self.command.explicit
+        epochs = resolve_options(self.command.args, explicit, self.topology.process_count, saved.options).args.epochs
+        start = self.command.args.start_epoch if "start_epoch" in explicit else saved.epoch
+        if start < epochs:
+            return False
+        best = f"{saved.best_acc1:.3f}" if saved.best_acc1 is not None else "none"
+        log.info("%s: the run is finished (epoch %d of %d, best Acc@1 %s): nothing to train; give --epochs N "
+                 "to train it longer", source, start, epochs, best)
+        return True
+
+    def _check_memory(self, parts: RunParts) -> None:
+        """Refuse, on every rank, a first step that cannot fit in memory (training.memory)."""
+        spec = models.model_spec(parts.args.arch)
+        shape = StepShape(parts.loaders.batch_size, parts.state.identity.image_size,
+                          low_precision=parts.args.amp and parts.args.opt_level != "O0",
+                          channels_last=parts.decisions.channels_last, min_image_size=spec.min_input_size)
+        message = check_step_fits(parts.state.model, parts.optimization.optimizer, shape, self.device,
+                                  self.topology.local_process_count)
+        fail_together(NotEnoughMemory(message) if message else None, self.topology)
+
+    def _evaluate(self, parts: RunParts, saved: Checkpoint | None, writer: MetricsWriter) -> None:
+        which = "model"
+        if saved is not None:
+            weights, which = saved.inference_weights(parts.args.eval_ema)
+            if which == "ema":
+                load_weights(parts.state.model, weights, strict_head=True)
+            log.info("evaluating the checkpoint's %s", _weights_note(saved, which))
+        metrics = evaluate(parts.state.model, parts.loaders.val, nn.CrossEntropyLoss(), parts.state.precision,
+                           parts.settings, averaged=which == "ema")
+        writer.write({"mode": "evaluate", "epoch": parts.state.epoch, "arch": parts.args.arch, "weights": which,
+                      **metrics})
+
+    # -- training ----------------------------------------------------------------------------
 
     def _train(self, parts: RunParts, writer: MetricsWriter) -> None:
         args, state, loaders, optimization = parts.args, parts.state, parts.loaders, parts.optimization
@@ -152,30 +277,31 @@ class Run:
         loss_fn = TrainingLoss(args.label_smoothing, args.aux_loss_weight)
         control = RunControl(self.signals, lambda *at: self._save_mid_epoch(state, *at), args.save_every,
                              args.save_every_steps, self.topology.is_main)
-        for epoch in range(state.epoch, args.epochs):
-            position = EpochPosition(epoch, loaders.steps_per_epoch, state.step if epoch == state.epoch else 0)
-            loaders.train.set_epoch(epoch)
-            loaders.train.skip(position.start_step * loaders.samples_per_step)
-            sums = RunningSums(self.device)
-            if state.epoch_sums and self.topology.is_main:
-                sums.load_state_dict(state.epoch_sums)  # the job's sums of the steps done before the resume
-            record = train_one_epoch(trained.module, loaders.train, loss_fn, optimization.optimizer,
-                                     optimization.schedule, state.precision, position, parts.settings, sums, control,
-                                     writer.write, step_parts)
-            if record.pop("interrupted"):
-                raise Preempted()
-            record.update(validate(state, loaders, parts.settings))
-            check_weights_before_saving(state.model, record["val_loss"], epoch)
-            state.finish_epoch(epoch + 1, *best_of(record))
-            self._save(state, best=state.is_best)
-            if state.is_best:
-                log.info("best Acc@1 %.3f so far, of the %s weights: %s", state.best_acc1,
-                         "averaged (EMA)" if state.best_weights == "ema" else "raw", checkpoints.BEST_NAME)
-            writer.write(epoch_record(args, self.topology, state, loaders, record))
-            self.curves.update(writer.records())
-            control.epoch_saved()
-            if control.stop_requested():
-                raise Preempted()
+        with self.signals.saving_stop():
+            for epoch in range(state.epoch, args.epochs):
+                position = EpochPosition(epoch, loaders.steps_per_epoch, state.step if epoch == state.epoch else 0)
+                loaders.train.set_epoch(epoch)
+                loaders.train.skip(position.start_step * loaders.samples_per_step)
+                sums = RunningSums(self.device)
+                if state.epoch_sums and self.topology.is_main:
+                    sums.load_state_dict(state.epoch_sums)  # the job's sums of the steps done before the resume
+                record = train_one_epoch(trained.module, loaders.train, loss_fn, optimization.optimizer,
+                                         optimization.schedule, state.precision, position, parts.settings, sums,
+                                         control, writer.write, step_parts)
+                if record.pop("interrupted"):
+                    raise Stopped(control.exit_code)
+                record.update(validate(state, loaders, parts.settings))
+                check_weights_before_saving(state.model, record["val_loss"], epoch)
+                state.finish_epoch(epoch + 1, *best_of(record))
+                self._save(state, best=state.is_best)
+                if state.is_best:
+                    log.info("best Acc@1 %.3f so far, of the %s weights: %s", state.best_acc1,
+                             "averaged (EMA)" if state.best_weights == "ema" else "raw", checkpoints.BEST_NAME)
+                writer.write(epoch_record(args, self.topology, state, loaders, record))
+                self.curves.update(writer.records())
+                control.epoch_saved()
+                if epoch + 1 < args.epochs and control.stop_requested():  # after the last epoch: done
+                    raise Stopped(control.exit_code)
 
     def _save_mid_epoch(self, state: TrainingState, position: EpochPosition, steps_done: int,
                         sums: RunningSums) -> None:
@@ -185,13 +311,39 @@ class Run:
                  steps_done, position.steps)
 
     def _save(self, state: TrainingState, best: bool) -> None:
-        if not self.topology.is_main:
-            return
-        payload = state.state_dict(_plain(vars(self.args)))
-        checkpoints.save_checkpoint(payload, self.output_dir / checkpoints.LAST_NAME)
+        """Rank 0 writes the checkpoint(s); every rank waits for the result, so a failed write
+        stops the whole job with one line (the previous checkpoint stays intact)."""
+        failure = None
+        if self.topology.is_main:
+            try:
+                self._write(state.checkpoint(_plain(vars(self.args))), state, best)
+            except UserError as error:
+                failure = error
+        fail_together(failure, self.topology)
+
+    def _write(self, payload: Checkpoint, state: TrainingState, best: bool) -> None:
+        last = self.output_dir / checkpoints.LAST_NAME
+        kept = f"{last} still holds the previous checkpoint" if last.is_file() else "no checkpoint was written"
+        bad = first_nonfinite(payload.weights)
+        if bad is not None:
+            raise NonFiniteLossError(f"the weights became non-finite ({bad}) at epoch {state.epoch} step "
+                                     f"{state.step}: this checkpoint is not written, {kept}. Lower --lr or add "
+                                     f"--clip-grad")
+        try:
+            checkpoints.save_checkpoint(payload, last)
+        except WriteError as error:
+            raise WriteError(f"{error}; {kept}") from None
         if best:
             checkpoints.save_checkpoint(payload, self.output_dir / checkpoints.BEST_NAME)
 
+
+def _weights_note(saved: Checkpoint, which: str) -> str:
+    if which == "ema":
+        return "averaged (EMA) weights; --no-ema evaluates the raw ones"
+    if saved.ema_weights is None:
+        return "weights"
+    return "raw weights" + (" (--no-ema)" if saved.best_weights != "model" or saved.best_acc1 is None
+                            else ": they scored better than its averaged (EMA) ones")
 
 
 def epoch_record(args: Any, topology: Topology, state: TrainingState, loaders: Loaders,
@@ -226,35 +378,42 @@ def best_of(record: dict[str, Any]) -> tuple[float, str]:
     return record["val_acc1"], "model"
 
 
-def use_averaged_weights(model: nn.Module, saved: dict[str, Any] | None, wanted: bool) -> bool:
-    """``-e``: put the checkpoint's averaged (EMA) weights into ``model`` when it has them and they
-    are wanted (not ``--no-ema``); whether it did."""
-    if not (wanted and saved and saved.get(EMA_KEY) is not None):
-        return False
-    load_weights(model, saved[EMA_KEY], strict_head=True)
-    log.info("evaluating the checkpoint's averaged (EMA) weights; --no-ema evaluates the raw ones")
-    return True
-
-
 def write_args(args: Any, output_dir: Path, topology: Topology) -> None:
     """``args.json``: the options the run really uses (after the checkpoint's and the recipe's)."""
     if topology.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(_plain(vars(args)), indent=2) + "\n")
+        text = json.dumps(_plain(vars(args)), indent=2) + "\n"
+        replace_file(output_dir / "args.json", lambda stream: stream.write(text.encode()))
 
 
-def checkpoint_to_resume(resume: str | None, output_dir: Path,
-                         topology: Topology) -> tuple[Path | None, dict[str, Any] | None]:
-    """``--resume``'s checkpoint (rank 0 picks ``auto``'s for everyone) and its contents."""
+def option_kinds() -> dict[str, Any]:
+    """For each option, a value of the kind the parser gives it (a checkpoint's options are checked
+    against these before a resumed run takes them)."""
+    kinds: dict[str, Any] = {}
+    for action in build_parser()._actions:
+        if isinstance(action.const, bool) and action.nargs == 0:
+            example: Any = False  # store_true / store_false
+        else:
+            example = {"int": 0, "float": 0.0}.get(getattr(action.type, "__name__", ""), "")
+            if action.choices is not None:
+                example = frozenset(action.choices)
+        kinds[action.dest] = [example] * action.nargs if isinstance(action.nargs, int) and action.nargs > 1 else example
+    return kinds
+
+
+def checkpoint_to_resume(resume: str | None, output_dir: Path) -> tuple[Path | None, Checkpoint | None]:
+    """``--resume``'s checkpoint file and its checked contents: FILE, or for ``auto`` the folder's
+    own (``find_resume_checkpoint``), or none (a fresh start: only when the folder holds no
+    checkpoint file)."""
     if not resume:
         return None, None
-    if resume == "auto":
-        found = checkpoints.find_resume_checkpoint(output_dir) if topology.is_main else None
-        path = distributed.broadcast_object(found)
-        log.info("--resume auto: %s", f"resuming from {path}" if path else "no checkpoint yet, starting fresh")
-    else:
-        path = Path(resume)
-    return (path, checkpoints.load_checkpoint(path)) if path is not None else (None, None)
+    if resume != "auto":
+        return Path(resume), checkpoints.read_checkpoint(resume)
+    found = checkpoints.find_resume_checkpoint(output_dir)
+    if found is None:
+        log.info("--resume auto: no checkpoint yet, starting fresh (%s holds no checkpoint file)", output_dir)
+        return None, None
+    log.info("--resume auto: resuming from %s", found[0])
+    return found
 
 
 def _plain(options: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from training.data import AugmentSettings, DataSettings, DatasetError, DeviceTra
 from training.device import Capabilities, compile_backend, pin_memory_options
 from training.distributed import Topology
 from training.averaging import ModelEma, NoAverage
+from training.checkpoint import Checkpoint
 from training.data.mixing import build_mixer
 from training.optim import OptimizerSettings, build_optimizer
 from training.config import resolve_options
@@ -113,10 +114,10 @@ def augment_settings(args: argparse.Namespace) -> AugmentSettings:
                            random_erase=args.random_erase)
 
 
-def check_evaluated_classes(saved: dict[str, Any] | None, class_names: list[str], data: str | None) -> None:
+def check_evaluated_classes(saved: Checkpoint | None, class_names: list[str], data: str | None) -> None:
     """``-e`` on a checkpoint: its classes must be the validation set's, in the same order (else
     every image would be scored against another class's output)."""
-    expected, here = list((saved or {}).get("class_names") or []), list(class_names)
+    expected, here = list((saved.class_names if saved else None) or []), list(class_names)
     if not expected or expected == here:
         return
     position = next(i for i in range(max(len(expected), len(here)))
@@ -287,10 +288,10 @@ def loop_settings(args: argparse.Namespace, topology: Topology, device: torch.de
 
 
 def build_run(command: CommandLine, topology: Topology, device: torch.device, caps: Capabilities,
-              saved: dict[str, Any] | None) -> RunParts:
+              saved: Checkpoint | None) -> RunParts:
     """Resolve the options (typed > the resumed checkpoint's > the recipe's) and build the run."""
     resolution = resolve_options(command.args, command.explicit, topology.process_count,
-                                 saved.get("args") if saved else None)
+                                 saved.options if saved else None)
     args = resolution.args
     args.seed = agree_on_seed(args.seed)
     decisions = decide(args, caps, topology)
@@ -300,7 +301,7 @@ def build_run(command: CommandLine, topology: Topology, device: torch.device, ca
         check_evaluated_classes(saved, loaders.class_names, args.data)
     num_classes = num_classes_of(args, loaders.class_names)
     built = build_model(args, spec, num_classes, device, decisions, topology,
-                        saved.get("model_options", {}) if saved else None)
+                        saved.model_options_for(spec.options) if saved else None)
     precision = choose_precision(args, caps)
     if args.evaluate:  # evaluation builds no optimizer and no weight average: only the precision (autocast)
         optimization = Optimization(None, None, optimizer_settings(args), built.model)

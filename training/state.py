@@ -1,8 +1,9 @@
 """The training state: what a checkpoint holds, and the one place that restores it.
 
 ``TrainingState`` owns the model, optimizer and precision of a run and where the run
-stands (epoch, step inside the epoch, best accuracy, seed). ``state_dict`` is the
-checkpoint; ``restore`` applies the resume policy:
+stands (epoch, step inside the epoch, best accuracy, seed). ``checkpoint`` is what its
+checkpoint holds (the schema is ``training.checkpoint.Checkpoint``); ``restore`` applies the
+resume policy:
 
 * the weights, optimizer moments, loss scaler, position and best accuracy come from the
   checkpoint; the options the run uses were already resolved (``training.config``: typed
@@ -21,9 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from models.loading import EMA_KEY, check_fits
-from models.weights import extract_state_dict, load_weights
-from training.checkpoint import FORMAT_VERSION, CheckpointError
+from models.weights import WeightsError, load_weights
+from training.checkpoint import Checkpoint, CheckpointError
 from training.averaging import NoAverage
 from training.optim import OptimizerSettings, apply_settings, load_optimizer_state
 from training.precision import Precision
@@ -75,36 +75,35 @@ class TrainingState:
             self.best_acc1, self.best_weights = acc1, weights
         self.epoch, self.step, self.epoch_sums = epoch, 0, None
 
-    def state_dict(self, args: dict[str, Any]) -> dict[str, Any]:
-        identity = self.identity
-        return {"format_version": FORMAT_VERSION, "arch": identity.arch, "epoch": self.epoch, "step": self.step,
-                "steps_per_epoch": self.steps_per_epoch, "state_dict": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.precision.state_dict(),
-                "best_acc1": self.best_acc1, "num_classes": identity.num_classes,
-                "class_names": list(identity.class_names), "image_size": identity.image_size,
-                "model_options": dict(identity.model_options), "seed": self.seed, "layout": dict(self.layout),
-                "epoch_sums": self.epoch_sums, "best_weights": self.best_weights, **self._average_state(),
-                "args": args}
+    def checkpoint(self, options: dict[str, Any]) -> Checkpoint:
+        """What a checkpoint of this state holds; ``options``: the run's, as plain values."""
+        identity, average = self.identity, self.average.state_dict()
+        return Checkpoint(
+            weights=self.model.state_dict(), arch=identity.arch, epoch=self.epoch, step=self.step,
+            steps_per_epoch=self.steps_per_epoch, epoch_sums=self.epoch_sums, optimizer=self.optimizer.state_dict(),
+            scaler=self.precision.state_dict(), best_acc1=self.best_acc1, best_weights=self.best_weights,
+            num_classes=identity.num_classes, class_names=list(identity.class_names), image_size=identity.image_size,
+            model_options=dict(identity.model_options), seed=self.seed, layout=dict(self.layout),
+            ema_weights=average["weights"] if average else None, ema_updates=average["updates"] if average else None,
+            options=options)
 
-    def _average_state(self) -> dict[str, Any]:
-        saved = self.average.state_dict()
-        return {EMA_KEY: saved["weights"], "ema_updates": saved["updates"]} if saved else {}
-
-    def restore(self, saved: dict[str, Any], source: Path, training: bool = True,
+    def restore(self, saved: Checkpoint, source: Path, training: bool = True,
                 start_epoch: int | None = None) -> None:
         """Continue from ``saved`` (a checkpoint read from ``source``).
 
         Args:
-            training: also restore the optimizer and loss scaler (not needed to evaluate).
+            training: also restore the optimizer, loss scaler and weight average (not needed to
+                evaluate).
             start_epoch: an explicit ``--start-epoch``, which wins over the saved position.
         """
-        check_fits(saved, source, self.identity.arch, self.identity.num_classes)
-        load_weights(self.model, extract_state_dict(saved, str(source)), strict_head=True)
-        self.epoch, self.step = int(saved.get("epoch", 0)), int(saved.get("step", 0))
-        best = saved.get("best_acc1")
-        self.best_acc1 = float(best) if best is not None else None
-        self.best_weights = str(saved.get("best_weights", "model"))
-        self.epoch_sums = saved.get("epoch_sums") if self.step else None
+        saved.check_fits(source, self.identity.arch, self.identity.num_classes)
+        try:
+            load_weights(self.model, saved.weights, strict_head=True)
+        except WeightsError as error:
+            raise CheckpointError(f"{source}: {error}") from None
+        self.epoch, self.step = saved.epoch, saved.step
+        self.best_acc1, self.best_weights = saved.best_acc1, saved.best_weights or "model"
+        self.epoch_sums = saved.epoch_sums if self.step else None
         if training:
             self._restore_optimization(saved, source)
             self._map_step(saved)
@@ -114,23 +113,27 @@ class TrainingState:
         best = f"{self.best_acc1:.3f}" if self.best_acc1 is not None else "none yet"
         log.info("resumed from %s: %s, best Acc@1 %s", source, where, best)
 
-    def _restore_optimization(self, saved: dict[str, Any], source: Path) -> None:
-        if saved.get("optimizer") is None:
+    def _restore_optimization(self, saved: Checkpoint, source: Path) -> None:
+        if saved.optimizer is None:
             raise CheckpointError(f"{source} has no optimizer state to resume training from; "
                                   f"use it with --pretrained instead")
-        saved_kind = (saved.get("args") or {}).get("opt", "sgd")
+        saved_kind = saved.options.get("opt", "sgd")
         if saved_kind == self.optimizer_settings.kind:
-            load_optimizer_state(self.optimizer, saved["optimizer"])
+            try:
+                load_optimizer_state(self.optimizer, saved.optimizer)
+            except (ValueError, KeyError, TypeError, RuntimeError) as error:
+                raise CheckpointError(f"{source}: its optimizer state does not fit this run's optimizer "
+                                      f"({str(error).strip().splitlines()[0]}); use it with --pretrained") from None
         else:
             log.info("note: the optimizer changed from %s to %s: its state starts fresh", saved_kind,
                      self.optimizer_settings.kind)
         apply_settings(self.optimizer, self.optimizer_settings)
-        self.precision.load_state_dict(saved.get("scaler"))
-        if saved.get(EMA_KEY) is not None and saved.get("ema_updates") is not None:
-            self.average.load_state_dict({"weights": saved[EMA_KEY], "updates": saved["ema_updates"]})
+        self.precision.load_state_dict(saved.scaler)
+        if saved.ema_weights is not None and saved.ema_updates is not None:
+            self.average.load_state_dict({"weights": saved.ema_weights, "updates": saved.ema_updates})
 
-    def _map_step(self, saved: dict[str, Any]) -> None:
-        saved_steps = int(saved.get("steps_per_epoch") or self.steps_per_epoch)
+    def _map_step(self, saved: Checkpoint) -> None:
+        saved_steps = saved.steps_per_epoch or self.steps_per_epoch
         if not self.step or saved_steps == self.steps_per_epoch:
             return
         mapped = min(round(self.step / saved_steps * self.steps_per_epoch), self.steps_per_epoch)

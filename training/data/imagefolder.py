@@ -251,9 +251,10 @@ def collate_batch(items: Sequence[tuple[Any, int, str | None]]) -> Batch:
 # -- loaders ------------------------------------------------------------------------------
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """In a loader worker: leave SIGTERM/SIGUSR1 to the main process, which stops cleanly
-    and shuts the workers down (SLURM signals every process of the job)."""
-    for number in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+    """In a loader worker: leave SIGTERM/SIGUSR1/SIGINT to the main process, which stops cleanly
+    and shuts the workers down (SLURM signals every process of the job, a terminal's Ctrl-C
+    every process of the foreground job)."""
+    for number in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
         if number is not None:
             signal.signal(number, signal.SIG_IGN)
 
