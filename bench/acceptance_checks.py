@@ -406,7 +406,8 @@ class Judge:
         return self.against_fp32("compile", "compile")
 
     def check_model_ema(self) -> dict[str, Any]:
-        """Averaging leaves training alone, its weights are validated, saved, and what -e evaluates."""
+        """Averaging leaves training alone, its weights are validated and saved, and -e evaluates the
+        weights the checkpoint names: the averaged ones unless the raw ones scored better."""
         figures = self.against_fp32("model_ema", "same")
         epoch = only_record(self.runs["model_ema"].output_dir, "train")
         if not math.isfinite(epoch.get("ema_val_loss", math.nan)):
@@ -414,13 +415,18 @@ class Judge:
                               f"{epoch.get('ema_val_loss')})")
         self.finished("ema_eval")
         evaluation = only_record(self.runs["ema_eval"].output_dir, "evaluate")
-        if evaluation.get("weights", "ema") != "ema":
-            raise CheckFailed(f"main.py -e evaluated the {evaluation['weights']} weights, not the averaged ones")
-        same_evaluation("main.py -e of the saved averaged weights", evaluation,
-                        {"val_acc1": epoch["ema_val_acc1"], "val_acc5": epoch["ema_val_acc5"],
-                         "val_loss": epoch["ema_val_loss"], "val_images": epoch["val_images"]},
+        expected = "ema" if epoch["ema_val_acc1"] > epoch["val_acc1"] else "model"
+        if evaluation.get("weights") != expected:
+            raise CheckFailed(f"main.py -e evaluated the {evaluation.get('weights')} weights; the checkpoint's "
+                              f"better ones are the {expected} weights (Acc@1 raw {epoch['val_acc1']}, "
+                              f"averaged {epoch['ema_val_acc1']})")
+        prefix = "ema_" if expected == "ema" else ""
+        same_evaluation(f"main.py -e of the saved {'averaged' if prefix else 'raw'} weights", evaluation,
+                        {"val_acc1": epoch[f"{prefix}val_acc1"], "val_acc5": epoch[f"{prefix}val_acc5"],
+                         "val_loss": epoch[f"{prefix}val_loss"], "val_images": epoch["val_images"]},
                         "the training run's validation of them")
-        return {**figures, "ema_val_acc1": epoch["ema_val_acc1"], "ema_val_loss": epoch["ema_val_loss"]}
+        return {**figures, "ema_val_acc1": epoch["ema_val_acc1"], "ema_val_loss": epoch["ema_val_loss"],
+                "evaluated_weights": expected}
 
     def check_kill_resume(self) -> dict[str, Any]:
         straight = resume_precision(self.settings)
@@ -504,7 +510,8 @@ def describe(check: str, figures: dict[str, Any]) -> str:
                                                 else "")
     if check == "model_ema":
         return (f"training as fp32's (first step's loss within {figures['first_step_relative_difference']:.1e}); "
-                f"averaged weights validated at Acc@1 {figures['ema_val_acc1']:.3f}, and so under main.py -e")
+                f"averaged weights validated at Acc@1 {figures['ema_val_acc1']:.3f}; main.py -e took the "
+                f"{'averaged' if figures['evaluated_weights'] == 'ema' else 'raw'} ones, the better, as trained")
     if "first_step_relative_difference" in figures:
         text = f"first step's loss within {figures['first_step_relative_difference']:.1e} of fp32's"
     else:
