@@ -22,12 +22,12 @@ from models.loading import EMA_KEY
 from models.weights import load_weights
 from training import checkpoint as checkpoints
 from training import device as devices
-from training import distributed
+from training import distributed, progress
 from training.config import divide_per_node
 from training.distributed import DistributedError, NodeLayout, Topology
 from training.engine import EpochPosition, TrainingLoss, check_weights_before_saving, evaluate, train_one_epoch
 from training.curves import CurvesWriter
-from training.metrics import MetricsWriter, RunningSums, setup_logging
+from training.metrics import MetricsWriter, RunningSums, explain_validation_loss, setup_logging
 from training.options import CommandLine, parse_command_line, warn_ignored_options
 from training.preemption import PREEMPTED_EXIT_CODE, Preempted, RunControl, StopSignals
 from training.setup import Loaders, RunParts, build_run, log_start, wrap_for_training
@@ -83,6 +83,7 @@ def worker(command: CommandLine, device_index: int | None = None) -> int:
     """One process of the job: bind the device, join the process group, run; the exit status."""
     topology = distributed.from_environment()
     setup_logging(topology.process_rank, topology.process_count)
+    progress.configure(command.args.progress, topology.is_main)
     if topology.is_main:
         warn_ignored_options(command.args)
     signals = StopSignals()
@@ -165,6 +166,7 @@ class Run:
             if record.pop("interrupted"):
                 raise Preempted()
             record.update(validate(state, loaders, parts.settings))
+            explain_validation_loss(record["val_loss"], record["train_loss"], state.identity.num_classes)
             check_weights_before_saving(state.model, record["val_loss"], epoch)
             state.finish_epoch(epoch + 1, *best_of(record))
             self._save(state, best=state.is_best)
