@@ -75,6 +75,12 @@ def test_evaluate_only_reports_accuracy(trained_checkpoint, tiny_data, tmp_path)
     assert record["mode"] == "evaluate" and record["val_images"] == 15
     assert f" * Acc@1 {record['val_acc1']:.3f} Acc@5 {record['val_acc5']:.3f}" in result.output
     assert not (tmp_path / "checkpoint.pth.tar").exists()
+    # What an evaluation depends on, not the training recipe.
+    first = result.output.splitlines()[0]
+    assert first == f"evaluating {trained_checkpoint}: inception_v3, 3 classes, image size 75, device cpu, 1 process(es)"
+    assert "validation: 4 batches of up to 4 images per device; precision: fp32" in result.output
+    for training_only in ("recipe ", "lr ", "seed ", "training images", "warm-up"):
+        assert training_only not in result.output, training_only
 
 
 def test_amp_on_cpu_uses_bf16_and_apex_absent_falls_back(tiny_data, tmp_path):
@@ -183,7 +189,7 @@ def test_bad_resume_files_are_errors(trained_checkpoint, tiny_data, tmp_path):
     (["--dummy", "-a", "resnet50"], "unknown architecture"),
     (["--dummy", "--loss-scale", "big"], "number or 'dynamic'"),
     (["--dummy", "--image-size", "64"], "minimum input size 75"),
-    (["--dummy", "--world-size", "0"], "--world-size (nodes) must be positive"),
+    (["--dummy", "--world-size", "0"], "argument --world-size: must be positive, or -1 for one node, got 0"),
     (["--dummy", "--device", "tpu"], "choose from auto, npu, cuda, mps, cpu"),
 ])
 def test_bad_options_are_rejected(argv, expected):
