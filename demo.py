@@ -29,7 +29,7 @@ from training.checkpoint import checkpoint_for_inference
 from training.data.embedded import DUMMY_NUM_CLASSES, class_name
 from training.data.imagefolder import default_workers
 from training.data.transforms import read_eval_image
-from training.options import non_negative_int, positive_int
+from training.options import architecture, non_negative_int, positive_int
 from training.predict import OnnxClassifier, Outcome, PredictionError, TorchClassifier, classify_files, \
     find_images, top_k
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--onnx", metavar="FILE", default=None,
                         help="run this exported model (pthtar2onnx.py) in onnxruntime instead of PyTorch; the "
                              "checkpoint still gives the preprocessing and the class names")
-    parser.add_argument("-a", "--arch", default=None,
+    parser.add_argument("-a", "--arch", type=architecture, default=None,
                         help="architecture (default: the checkpoint's; needed for bare state dicts): "
                              + ", ".join(models.list_models()))
     parser.add_argument("--topk", type=positive_int, default=5, metavar="K", help="how many classes to give (default: 5)")
@@ -143,7 +143,10 @@ def _classify_many(args: argparse.Namespace, paths: list[Path], image_size: int,
     outcome = classify_files(classifier, paths, image_size, loaded.preprocess, args.topk, args.batch_size, workers,
                              on_unreadable=unreadable)
     if args.csv:
-        _write_csv(Path(args.csv), outcome, loaded.class_names, args.topk)
+        try:
+            _write_csv(Path(args.csv), outcome, loaded.class_names, args.topk)
+        except OSError as error:  # a full disk, a folder without write permission...
+            raise PredictionError(f"cannot write {args.csv}: {error.strerror or error}") from None
     else:
         for prediction in outcome.predictions:
             best = ", ".join(f"{loaded.class_names[index]} {probability * 100:.2f}%"

@@ -37,7 +37,7 @@ from training import device as devices
 from training.atomic_file import atomic_output
 from training.checkpoint import checkpoint_for_inference
 from training.data.transforms import read_eval_image
-from training.options import checked_number, non_negative_float, positive_int
+from training.options import architecture, checked_number, non_negative_float, positive_int
 from training.predict import OnnxClassifier, TorchClassifier
 
 HERE = Path(__file__).resolve().parent
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "or test/output/)")
     parser.add_argument("--checkpoint", "--model-path", dest="checkpoint", default=None, metavar="FILE",
                         help="same as the positional CHECKPOINT")
-    parser.add_argument("-a", "--arch", default=None,
+    parser.add_argument("-a", "--arch", type=architecture, default=None,
                         help="architecture (default: the checkpoint's; needed for bare state dicts)")
     parser.add_argument("--output", "-o", default=None, metavar="FILE",
                         help="ONNX file to write (default: <arch>.onnx next to the checkpoint)")

@@ -119,6 +119,7 @@ def test_wrong_arch_is_refused(trained_checkpoint, capsys):
     (["--batch-size", "0"], "argument -b/--batch-size: must be a positive integer, got 0"),
     (["--workers", "-1"], "argument -j/--workers: must be an integer >= 0, got -1"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["-a", "resnet50"], "argument -a/--arch: unknown architecture 'resnet50'"),
 ])
 def test_options_are_checked_at_parse_time(argv, expected, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -173,6 +173,7 @@ def test_a_full_disk_leaves_the_previous_file_and_no_partial_one(tmp_path):
     (["--batch-size", "-2"], "argument --batch-size: must be a positive integer, got -2"),
     (["--rtol", "-1"], "argument --rtol: must be >= 0, got -1"),
     (["--atol", "nan"], "argument --atol: must be >= 0, got nan"),
+    (["-a", "resnet50"], "argument -a/--arch: unknown architecture 'resnet50'; choose one of: inception_v3, xception"),
 ])
 def test_options_are_checked_at_parse_time(argv, expected, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -101,7 +101,8 @@ def _loss_scale(text: str) -> str:
     return text
 
 
-def _arch(text: str) -> str:
+def architecture(text: str) -> str:
+    """An argparse ``type``: the registry's name for ``text`` (aliases accepted), or the choices."""
     try:
         return models.resolve_arch(text)
     except ValueError as error:
@@ -161,7 +162,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     topic = _Topic(parser, "model")
-    topic.add("-a", "--arch", type=_arch, default="inception_v3", metavar="ARCH", resumed=False,
+    topic.add("-a", "--arch", type=architecture, default="inception_v3", metavar="ARCH", resumed=False,
               help="architecture: " + ", ".join(models.list_models()))
     topic.add("--pretrained", nargs="?", const=PUBLISHED, default=None, metavar="FILE", resumed=False,
               help="initial weights: alone, the architecture's published ImageNet weights (torchvision "
