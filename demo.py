@@ -79,26 +79,21 @@ def _image_path(text: str) -> str:
     return text
 
 
-def _classifier(args: argparse.Namespace, loaded, image_size: int):
+def _classifier(args: argparse.Namespace, loaded) -> tuple[TorchClassifier | OnnxClassifier, int]:
+    """What computes the classes, and the crop size it takes."""
     if args.onnx:
         classifier = OnnxClassifier(args.onnx, loaded.preprocess)
+        # An exported file fixes its input size: read it rather than make the user repeat it.
+        image_size = args.image_size or classifier.image_size or loaded.image_size
         classifier.check_fits(image_size, loaded.num_classes)
-        return classifier
-    device = devices.bind(devices.select_device(args.device))
-    return TorchClassifier(loaded.model, loaded.preprocess, device, devices.capabilities(device.type))
-
-
-def _image_size(args: argparse.Namespace, loaded) -> int:
-    if args.image_size is None and args.onnx:
-        # An exported file fixes its input size; read it rather than make the user repeat it.
-        size = OnnxClassifier(args.onnx, loaded.preprocess).image_size
-        if size is not None:
-            return size
-    size = args.image_size or loaded.image_size
-    if size < loaded.spec.min_input_size:
-        raise PredictionError(f"--image-size {size} is below {loaded.arch}'s minimum input size "
+    else:
+        device = devices.bind(devices.select_device(args.device))
+        classifier = TorchClassifier(loaded.model, loaded.preprocess, device, devices.capabilities(device.type))
+        image_size = args.image_size or loaded.image_size
+    if image_size < loaded.spec.min_input_size:
+        raise PredictionError(f"--image-size {image_size} is below {loaded.arch}'s minimum input size "
                               f"{loaded.spec.min_input_size}")
-    return size
+    return classifier, image_size
 
 
 def run(args: argparse.Namespace) -> None:
@@ -107,9 +102,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"warning: {flag} is accepted for ModelZoo command lines but has no effect here", file=sys.stderr)
     checkpoint = checkpoint_for_inference(args.checkpoint, HERE)
     loaded = load_for_inference(checkpoint, args.arch, use_ema=args.use_ema)
-    image_size = _image_size(args, loaded)
     paths, several = find_images(_image_path(args.image))
-    classifier = _classifier(args, loaded, image_size)
+    classifier, image_size = _classifier(args, loaded)
 
     epoch = f", epoch {loaded.epoch}" if loaded.epoch is not None else ""
     weights = ", EMA weights" if loaded.weights == "ema" else ""

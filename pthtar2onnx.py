@@ -209,6 +209,8 @@ def _export_checked(args: argparse.Namespace, loaded: InferenceModel, size: int,
     """Export to a temporary file beside ``output``, check it, and only then rename it into place."""
     dynamic = args.batch_size is None
     generator = torch.Generator().manual_seed(0)
+    print(f"exporting {loaded.arch} to ONNX (opset {args.opset}){' and checking it' if args.check else ''}: "
+          f"this can take a minute on a CPU", flush=True)
     with atomic_output(output) as temporary:
         export(loaded.model, torch.randn(args.batch_size or 1, 3, size, size, generator=generator), temporary,
                args.opset, dynamic, args.dynamo)
