@@ -104,10 +104,10 @@ class OnnxClassifier:
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """float32 logits, running a fixed-batch file on zero-padded batches."""
-        batch = self.normalize(pixels).contiguous()
-        count, fixed = batch.shape[0], self.batch_size
+        count, fixed = pixels.shape[0], self.batch_size
         if fixed is not None and count != fixed:
             return torch.cat([self.logits(part) for part in _fixed_batches(pixels, fixed)])[:count]
+        batch = self.normalize(pixels).contiguous()  # onnxruntime reads plain NCHW memory
         (logits,) = self.session.run(None, {self.input_name: batch.numpy()})
         return torch.from_numpy(np.asarray(logits, dtype=np.float32))
 
