@@ -5,8 +5,11 @@ Option names follow the ModelZoo scripts (``-a``, ``--data``, ``--data_path``,
 written; options that were dead upstream are accepted and ignored with a warning. Recipe
 options default to ``None`` and are filled by :mod:`training.config`.
 
-``parse_command_line`` also reports which options the user typed (``explicit``): on resume
-those win over the checkpoint's values (see ``training.config``).
+Each option is added with ``resumed=``: whether a resumed run takes it from the checkpoint
+(``training.config.RESUMED_OPTIONS`` is derived from it, so no option can be left out of the
+resume policy), and with a ``type`` that checks its range, so a value out of range stops at
+parse time with one line. ``parse_command_line`` also reports which options the user typed
+(``explicit``): on resume those win over the checkpoint's values (see ``training.config``).
 """
 from __future__ import annotations
 
