@@ -12,10 +12,12 @@ BAR = re.compile(r"(?P<task>[\w -]+?): +(?P<percent>\d+)%\|[^|]*\| *(?P<done>\d+
 
 
 def test_a_terminal_shows_bars_with_percentage_rate_and_time_left(tmp_path):
+    # One loader worker: the process must also exit with its workers alive until the end (a draw of
+    # curves.png once pinned the training frames, and the exit waited for a worker forever).
     command = main_command("-a", "xception", "--dummy", "--dummy-dir", tmp_path / "cache", "--output_dir",
-                           tmp_path / "out", "--image-size", "48", "-b", "8", "-j", "0", "--epochs", "1",
+                           tmp_path / "out", "--image-size", "48", "-b", "8", "-j", "1", "--epochs", "1",
                            "--max-steps", "3", "--print-freq", "1", "--seed", "0")
-    code, output = run_in_terminal(command)
+    code, output = run_in_terminal(command, timeout=240)
     assert code == 0, output
     states = [match.groupdict() for match in BAR.finditer(output)]
     for task in ("generating the --dummy data set", "Epoch 0", "Test"):

@@ -56,7 +56,7 @@ def draw_runs(runs: dict[str, list[dict[str, Any]]]) -> Any:
     """The figure of ``{name: records}`` (one name may be empty): four panels, one colour per run."""
     import matplotlib
     from matplotlib.figure import Figure  # not pyplot: no global figure state, no GUI backend
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import LogFormatter, MaxNLocator
 
     figure = Figure(figsize=(12, 7.5))
     axes = figure.subplots(2, 2).ravel()
@@ -65,6 +65,10 @@ def draw_runs(runs: dict[str, list[dict[str, Any]]]) -> Any:
         _draw_run(axes, name, records, colours[index % len(colours)])
     # One spike (an early validation loss of 2e4) must not flatten every other loss.
     axes[0].set_yscale("log")
+    # Plain-text tick labels: the default ones are mathtext, whose parser caches exceptions, and
+    # with them every frame of the call stack (the training loop's, loaders included), for good.
+    axes[0].yaxis.set_major_formatter(LogFormatter())
+    axes[0].yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     for axis, (title, unit) in zip(axes, PANELS):
         axis.set_title(title)
         axis.set_xlabel("epoch")
