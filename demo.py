@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-a", "--arch", type=architecture, default=None,
                         help="architecture (default: the checkpoint's; needed for bare state dicts): "
                              + ", ".join(models.list_models()))
-    parser.add_argument("--topk", type=positive_int, default=5, metavar="K", help="how many classes to give (default: 5)")
+    parser.add_argument("--topk", type=positive_int, default=5, metavar="K",
+                        help="how many classes to give (default: 5)")
     parser.add_argument("--image-size", type=positive_int, default=None, metavar="N",
                         help="crop size (default: the checkpoint's training size, else the model's)")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",

@@ -199,8 +199,9 @@ def verify(loaded: InferenceModel, path: Path, pixels: torch.Tensor, rtol: float
 
 
 def _report(comparison: Comparison, rtol: float, atol: float) -> str:
-    return (f"onnx checker: ok; onnxruntime vs PyTorch on {comparison.images} images (demo/sample.jpg and random "
-            f"ones): max abs difference {comparison.max_difference:.2e}, {comparison.worst_excess:.3g} of the "
+    images = "demo/sample.jpg" + (f" and {comparison.images - 1} random image(s)" if comparison.images > 1 else "")
+    return (f"onnx checker: ok; onnxruntime vs PyTorch on {images}: max abs difference "
+            f"{comparison.max_difference:.2e}, {comparison.worst_excess:.3g} of the "
             f"tolerance (atol {atol:g} + rtol {rtol:g} x |logit|; largest |logit| {comparison.largest_logit:.3g}); "
             f"top-1 disagreements {comparison.top1_disagreements}")
 

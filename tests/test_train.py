@@ -80,7 +80,8 @@ def test_evaluate_only_reports_accuracy(trained_checkpoint, tiny_data, tmp_path)
     assert not (tmp_path / "checkpoint.pth.tar").exists()
     # What an evaluation depends on, not the training recipe.
     first = result.output.splitlines()[0]
-    assert first == f"evaluating {trained_checkpoint}: inception_v3, 3 classes, image size 75, device cpu, 1 process(es)"
+    assert first == (f"evaluating {trained_checkpoint}: inception_v3, 3 classes, image size 75, device cpu, "
+                     f"1 process(es)")
     assert "validation: 4 batches of up to 4 images per device; precision: fp32" in result.output
     for training_only in ("recipe ", "lr ", "seed ", "training images", "warm-up"):
         assert training_only not in result.output, training_only
