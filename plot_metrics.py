@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         try:
             runs[name] = read_metrics(path)
-X
-            print(f"error: {path} is not a metrics.jsonl file (one JSON object per line): {error}", file=sys.stderr)
+        except ValueError as error:  # json's errors, and bytes that are not UTF-8
+            print(f"error: {path} is not a metrics.jsonl file (one JSON object per line): {type(error).__name__}",
+                  file=sys.stderr)
             return 1
     print(f"wrote {plot_runs(runs, args.output)}")
     return 0

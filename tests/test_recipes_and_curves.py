@@ -11,6 +11,7 @@ import pytest
 from matplotlib.colors import to_hex
 from PIL import Image
 
+import plot_metrics
 from conftest import REPO, metrics_of, quick_args, run_main
 from training.checkpoint import load_checkpoint
 from training.curves import draw_runs
@@ -102,3 +103,14 @@ def test_curves_stay_readable_with_a_spike_and_a_one_epoch_run():
     assert len(short) == 6 and all(len(line.get_xdata()) == 1 for line in short)  # one point each, marked
     styles = {line.get_label(): line.get_linestyle() for line in loss.get_lines()}
     assert styles["spiky: train"] != styles["spiky: val"]  # within a run, the series differ by line and marker
+
+
+def test_plot_metrics_names_a_file_it_cannot_read(tmp_path, capsys):
+    broken = tmp_path / "metrics.jsonl"
+    broken.write_text('{"mode": "train", "epoch": 1}\nnot json\n')
+    assert plot_metrics.main([str(tmp_path), "-o", str(tmp_path / "curves.png")]) == 1  # a run folder works too
+    assert capsys.readouterr().err.strip() == (f"error: {broken} is not a metrics.jsonl file (one JSON object per "
+                                               f"line): JSONDecodeError")
+    assert plot_metrics.main([str(tmp_path / "missing.jsonl")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: no such metrics file: {tmp_path / 'missing.jsonl'}"
+    assert not (tmp_path / "curves.png").exists()
