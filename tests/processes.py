@@ -1,10 +1,15 @@
 """Running main.py and the launchers as real processes: start, wait for a log line, finish, kill."""
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import re
+import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -110,3 +115,32 @@ def worker_of(launcher: subprocess.Popen, rank: int) -> psutil.Process:
         except psutil.Error:  # exited meanwhile, or not readable
             continue
     raise AssertionError(f"no worker with RANK={rank} under pid {launcher.pid}")
+
+
+def run_in_terminal(command: list[str], timeout: float = LAUNCH_TIMEOUT, columns: int = 120) -> tuple[int, str]:
+    """Run ``command`` in the repository root with stdout and stderr on a pseudo-terminal of
+    ``columns`` columns, as someone at a terminal would; its exit code and everything it printed."""
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stdin=subprocess.DEVNULL, stdout=terminal,
+                               stderr=terminal)
+    os.close(terminal)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([main], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                kill_tree(process)
+                pytest.fail(f"still running after {timeout}s:\n{b''.join(chunks).decode(errors='replace')[-4000:]}")
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: every process holding the terminal has exited
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(main)
+    return process.returncode, b"".join(chunks).decode(errors="replace")

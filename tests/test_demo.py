@@ -112,7 +112,34 @@ def test_wrong_arch_is_refused(trained_checkpoint, capsys):
     assert "is a checkpoint of inception_v3, but -a is xception" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["0", "-1"])
-def test_topk_must_be_positive(trained_checkpoint, value, capsys):
-    assert demo.main(["--checkpoint", str(trained_checkpoint), "--topk", value]) == 1
-    assert "--topk must be at least 1" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, expected", [
+    (["--topk", "0"], "argument --topk: must be a positive integer, got 0"),
+    (["--image-size", "-5"], "argument --image-size: must be a positive integer, got -5"),
+    (["--image-size", "0"], "argument --image-size: must be a positive integer, got 0"),
+    (["--batch-size", "0"], "argument -b/--batch-size: must be a positive integer, got 0"),
+    (["--workers", "-1"], "argument -j/--workers: must be an integer >= 0, got -1"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["-a", "resnet50"], "argument -a/--arch: unknown architecture 'resnet50'"),
+])
+def test_options_are_checked_at_parse_time(argv, expected, capsys):
+    with pytest.raises(SystemExit) as stop:
+        demo.main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"demo.py: error: {expected}")
+
+
+def test_an_image_size_below_the_models_minimum_is_one_line(trained_checkpoint, capsys):
+    assert demo.main(["--checkpoint", str(trained_checkpoint), "--image-size", "40"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --image-size 40 is below inception_v3's minimum input size 75"
+
+
+def test_a_model_of_the_quick_start_says_it_knows_only_the_synthetic_classes(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = models.create_model("xception", num_classes=demo.DUMMY_NUM_CLASSES)
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"arch": "xception", "epoch": 5, "state_dict": model.state_dict(), "image_size": 48,
+                "num_classes": demo.DUMMY_NUM_CLASSES, "class_names": demo.DUMMY_CLASS_NAMES}, path)
+    assert demo.main(["--checkpoint", str(path), "--topk", "2", "--device", "cpu"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("note: this model was trained on the generated --dummy data set: it knows only its "
+                           "10 synthetic classes")

@@ -8,10 +8,12 @@ import sys
 
 import pytest
 
+from dataclasses import fields
+
 from conftest import REPO, quick_args, run_main
-from training.config import OptionError, divide_per_node, resolve_options
-from training.options import IGNORED_UPSTREAM, PUBLISHED, parse_command_line
-from training.recipes import recipe_for
+from training.config import RESUMED_OPTIONS, OptionError, divide_per_node, resolve_options
+from training.options import IGNORED_UPSTREAM, PUBLISHED, build_parser, parse_command_line
+from training.recipes import Recipe, recipe_for
 
 
 def resolved(*argv: str, processes: int = 1, saved: dict | None = None) -> argparse.Namespace:
@@ -81,6 +83,58 @@ def test_explicit_options_are_known():
     command = parse_command_line(["--dummy", "--lr", "0.1", "-b", "8", "--wd=0"])
     assert {"lr", "batch_size", "weight_decay", "dummy"} <= command.explicit
     assert "epochs" not in command.explicit and "momentum" not in command.explicit
+
+
+# -- the help and the values ------------------------------------------------------------------
+
+TOPICS = ["data", "model", "optimisation", "augmentation", "averaging", "precision", "device", "distributed", "run"]
+
+
+def test_help_is_grouped_by_topic_and_shows_only_defaults_that_mean_something():
+    text = build_parser().format_help()
+    titles = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert [title for title in titles if title in TOPICS] == TOPICS
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: True)" not in text
+    lines = " ".join(text.split())  # argparse wraps the help text
+    for flag in ("--no-channels-last", "--no-ema", "--no-model-ema", "--dummy"):
+        described = lines.split(f"{flag} ", 1)[1].split("  ")[0]
+        assert "default:" not in described.split(" --")[0], flag
+    assert "(default: inception_v3)" in lines and "(default: 600)" in lines and "(default: 0.08 1)" in lines
+
+
+def test_every_option_says_whether_a_resume_takes_it():
+    """A new option cannot be left out of the resume policy: adding one without ``resumed=`` fails here."""
+    unclassified = [action.option_strings or action.dest for action in build_parser()._actions
+                    if action.dest != "help" and not isinstance(getattr(action, "resumed", None), bool)]
+    assert not unclassified
+    assert {item.name for item in fields(Recipe)} <= set(RESUMED_OPTIONS)  # what a recipe sets defines the run
+    assert not {"data", "resume", "output_dir", "device", "workers", "evaluate", "progress"} & set(RESUMED_OPTIONS)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--label-smoothing", "2"], "argument --label-smoothing: must be in [0, 1), got 2"),
+    (["--label-smoothing", "1"], "argument --label-smoothing: must be in [0, 1), got 1"),
+    (["--momentum", "1.5"], "argument --momentum: must be in [0, 1), got 1.5"),
+    (["--drop-rate", "1"], "argument --drop-rate: must be in [0, 1), got 1"),
+    (["--lr-gamma", "0"], "argument --lr-gamma: must be in (0, 1], got 0"),
+    (["--lr", "nan"], "argument --lr/--learning-rate: must be >= 0, got nan"),
+    (["--start-epoch", "-1"], "argument --start-epoch: must be an integer >= 0, got -1"),
+    (["--workers", "-2"], "argument -j/--workers: must be an integer >= 0, got -2"),
+    (["--save-every-steps", "-1"], "argument --save-every-steps: must be an integer >= 0, got -1"),
+    (["--fps-warmup-steps", "-1"], "argument --fps-warmup-steps: must be an integer >= 0, got -1"),
+    (["--gpu", "-1"], "argument --gpu/--npu: must be an integer >= 0, got -1"),
+    (["--seed", "-3"], "argument --seed: must be an integer in 0 .. 2^64-1, got -3"),
+    (["--port", "70000"], "argument --port: must be a TCP port, 1 to 65535, got 70000"),
+    (["--rank", "-2"], "argument --rank: must be >= 0, or -1 for 0, got -2"),
+    (["--dist-backend", "mpi"], "argument --dist-backend: invalid choice: 'mpi'"),  # then the choices
+    (["--loss-scale", "inf"], "argument --loss-scale/--loss_scale: must be positive, got inf"),
+    (["--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
+])
+def test_out_of_range_values_stop_at_parse_time(argv, expected, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_command_line(["--dummy", *argv])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"main.py: error: {expected}")
 
 
 # -- resolution -----------------------------------------------------------------------------

@@ -57,6 +57,8 @@ def check_outputs(result: subprocess.CompletedProcess, root: Path, device_id: st
     folder = root / device_id
     train_log = folder / f"train_{device_id}.log"
     assert train_log.is_file() and "main.py" in train_log.read_text()
+    # Plain log lines, never a progress bar, for the ModelZoo parsers (Loss on every "Epoch:" line).
+    assert "\r" not in train_log.read_text() and "%|" not in train_log.read_text()
     summary = read_case_log(folder / f"{case_name}.log")
     assert summary["CaseName"] == case_name and summary["DeviceType"] == MACHINE
     keys = NUMERIC_KEYS if kind == "train" else ("TrainAccuracy", "ActualLoss", "E2ETrainingTime")

@@ -1,6 +1,8 @@
 """main.py end to end on tiny generated data: training, resume, evaluation, AMP, knobs."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from awkward_files import add_awkward_files
 from conftest import metrics_of, quick_args, run_main
 from training.checkpoint import load_checkpoint
 from training.data.embedded import make_imagefolder
+from training.metrics import explain_validation_loss
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,23 @@ def test_evaluate_only_reports_accuracy(trained_checkpoint, tiny_data, tmp_path)
     assert record["mode"] == "evaluate" and record["val_images"] == 15
     assert f" * Acc@1 {record['val_acc1']:.3f} Acc@5 {record['val_acc5']:.3f}" in result.output
     assert not (tmp_path / "checkpoint.pth.tar").exists()
+    # What an evaluation depends on, not the training recipe.
+    first = result.output.splitlines()[0]
+    assert first == (f"evaluating {trained_checkpoint}: inception_v3, 3 classes, image size 75, device cpu, "
+                     f"1 process(es)")
+    assert "validation: 4 batches of up to 4 images per device; precision: fp32" in result.output
+    for training_only in ("recipe ", "lr ", "seed ", "training images", "warm-up"):
+        assert training_only not in result.output, training_only
+
+
+def test_a_validation_loss_far_above_a_uniform_guess_is_explained(caplog):
+    with caplog.at_level(logging.INFO):
+        explain_validation_loss(21750.7859, 5.34, 10)  # a quick run's first epoch, BatchNorm not settled
+        explain_validation_loss(3.1, 0.02, 10)  # overfitting: ordinary, no note
+        explain_validation_loss(float("nan"), 5.0, 10)  # non-finite: warned about before the checkpoint
+    notes = [record.getMessage() for record in caplog.records]
+    assert len(notes) == 1 and notes[0].startswith("note: validation loss 2.175e+04 is over 10 times a uniform "
+                                                   "guess's (2.3) while training's is 5.34: in eval mode BatchNorm")
 
 
 def test_amp_on_cpu_uses_bf16_and_apex_absent_falls_back(tiny_data, tmp_path):
@@ -183,7 +203,7 @@ def test_bad_resume_files_are_errors(trained_checkpoint, tiny_data, tmp_path):
     (["--dummy", "-a", "resnet50"], "unknown architecture"),
     (["--dummy", "--loss-scale", "big"], "number or 'dynamic'"),
     (["--dummy", "--image-size", "64"], "minimum input size 75"),
-    (["--dummy", "--world-size", "0"], "--world-size (nodes) must be positive"),
+    (["--dummy", "--world-size", "0"], "argument --world-size: must be positive, or -1 for one node, got 0"),
     (["--dummy", "--device", "tpu"], "choose from auto, npu, cuda, mps, cpu"),
 ])
 def test_bad_options_are_rejected(argv, expected):

@@ -1,7 +1,9 @@
 """Writing a run's files so that a crash, a kill or a full disk never leaves a broken one.
 
 ``replace_file`` writes into a temporary file beside the target (``.<name>.<token>.tmp``),
-fsyncs it and renames it over the target: readers see the old file or the new one. The
+fsyncs it and renames it over the target: readers see the old file or the new one.
+``replacing`` does the same for writers that want a file name rather than a stream (the
+ONNX exporter, the csv module), and lets the caller check the file before it is renamed. The
 temporary file is created with mode 0666 less the umask, as any file the user creates, so
 a team sharing the folder can read the result (``tempfile.mkstemp`` would give 0600).
 Every OS error becomes a ``WriteError`` naming the path and the OS's reason; the old file
@@ -9,11 +11,12 @@ is left as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from models.errors import UserError
 
@@ -114,3 +117,37 @@ def _fsync_directory(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write (and check); when the block ends without
+    an exception, the file is flushed and renamed over ``path``, otherwise removed, and ``path``
+    is left as it was. Creates ``path``'s folder if needed.
+
+    Raises:
+        WriteError: the temporary file, or the rename, failed (an OS error naming it or ``path``).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = _create_beside(path)
+        os.close(handle)
+    except OSError as error:
+        raise WriteError(describe_os_error(path, error)) from None
+    try:
+        yield temporary
+        _fsync_file(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        if error.filename not in (None, str(temporary), str(path)):
+            raise  # not the write: another file the block read
+        raise WriteError(describe_os_error(path, error)) from None
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as stream:
+        os.fsync(stream.fileno())

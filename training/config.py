@@ -18,17 +18,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from models.errors import UserError
+from training.options import build_parser, resumed_options
 from training.recipes import Recipe, recipe_for
 
-# The options that define the training; a resumed run takes them from the checkpoint unless typed.
-RESUMED_OPTIONS = (
-    "recipe", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "no_bn_weight_decay", "label_smoothing",
-    "warm_up_epochs", "lr_schedule", "lr_step_epochs", "lr_gamma", "epochs", "clip_grad", "max_steps",
-    "aux_loss_weight", "image_size", "num_classes", "amp", "amp_dtype", "opt_level", "loss_scale", "seed",
-    "print_freq", "opt", "opt_eps", "model_ema", "model_ema_decay", "model_ema_warmup", "accum_steps",
-    "drop_rate", "scale", "ratio", "hflip", "interpolation", "crop_pct", "auto_augment", "random_erase", "mixup",
-    "cutmix",
-)
+# The options that define the training: a resumed run takes them from the checkpoint unless typed.
+# Every option of the parser says whether it is one (``resumed=`` in training.options).
+RESUMED_OPTIONS = resumed_options(build_parser())
 
 
 class OptionError(UserError):

@@ -8,63 +8,86 @@ without it main.py says so once and goes on.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-from training.atomic import WriteError, replace_file
+from training.atomic import WriteError, replacing
 
 log = logging.getLogger(__name__)
 
-PANELS = (("loss", "loss"), ("accuracy", "Acc@1 (%)"), ("learning rate", "lr"), ("throughput", "images/s"))
+PANELS = (("loss", "loss (log scale)"), ("accuracy", "Acc@1 (%)"), ("learning rate", "lr"),
+          ("throughput", "images/s"))
+# Within one run, a series is told apart by its line and marker; across runs, by its colour.
+SERIES_STYLES = {"train": dict(linestyle="-", marker="o"), "val": dict(linestyle="--", marker="s"),
+                 "val, EMA": dict(linestyle=":", marker="^")}
 
 
-def _series(records: list[dict[str, Any]], mode: str, key: str, x: str = "epoch") -> tuple[list, list]:
-    points = [(record[x], record[key]) for record in records if record.get("mode") == mode and key in record]
+def _series(records: list[dict[str, Any]], mode: str, key: str, x: str = "epoch",
+            positive: bool = False) -> tuple[list, list]:
+    """The (x, value) points of ``key`` in the ``mode`` records, finite ones only (a NaN loss has no
+    place on an axis), and above 0 with ``positive`` (a log axis)."""
+    points = [(record[x], record[key]) for record in records
+              if record.get("mode") == mode and isinstance(record.get(key), (int, float))
+              and math.isfinite(record[key]) and (record[key] > 0 or not positive)]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _draw_run(axes: Any, name: str, records: list[dict[str, Any]]) -> None:
+def _draw_run(axes: Any, name: str, records: list[dict[str, Any]], colour: str) -> None:
     prefix = f"{name}: " if name else ""
     steps = [r for r in records if r.get("mode") == "step"]
     per_epoch = max((r["steps"] for r in steps), default=1)
-    for key, label in (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val, EMA")):
-        xs, ys = _series(records, "train", key)
-        if xs:
-            axes[0].plot(xs, ys, marker="o", label=prefix + label)
-    for key, label in (("train_acc1", "train"), ("val_acc1", "val"), ("ema_val_acc1", "val, EMA")):
-        xs, ys = _series(records, "train", key)
-        if xs:
-            axes[1].plot(xs, ys, marker="o", label=prefix + label)
+    for panel, keys, log_axis in ((axes[0], ("train_loss", "val_loss", "ema_val_loss"), True),
+                                  (axes[1], ("train_acc1", "val_acc1", "ema_val_acc1"), False)):
+        for key, label in zip(keys, SERIES_STYLES):
+            xs, ys = _series(records, "train", key, positive=log_axis)
+            if xs:
+                panel.plot(xs, ys, color=colour, label=prefix + label, **SERIES_STYLES[label])
     xs, ys = _series(records, "step", "lr", x="global_step")
-    axes[2].plot([x / per_epoch for x in xs], ys, label=prefix + "lr")
+    if xs:
+        axes[2].plot([x / per_epoch for x in xs], ys, color=colour, marker=".", label=prefix + "lr")
     xs, ys = _series(records, "train", "fps")
-    axes[3].plot(xs, ys, marker="o", label=prefix + "job")
+    if xs:
+        axes[3].plot(xs, ys, color=colour, marker="o", label=prefix + "job")
 
 
-def plot_runs(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike) -> Path:
-    """Draw ``{name: records}`` (one name may be empty) into the PNG ``path``, atomically."""
+def draw_runs(runs: dict[str, list[dict[str, Any]]]) -> Any:
+    """The figure of ``{name: records}`` (one name may be empty): four panels, one colour per run."""
     import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, no GUI backend
+    from matplotlib.ticker import LogFormatter, MaxNLocator
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, grid = pyplot.subplots(2, 2, figsize=(12, 7.5))
-    axes = grid.ravel()
-    for name, records in runs.items():
-        _draw_run(axes, name, records)
+    figure = Figure(figsize=(12, 7.5))
+    axes = figure.subplots(2, 2).ravel()
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (name, records) in enumerate(runs.items()):
+        _draw_run(axes, name, records, colours[index % len(colours)])
+    # One spike (an early validation loss of 2e4) must not flatten every other loss.
+    axes[0].set_yscale("log")
+    # Plain-text tick labels: the default ones are mathtext, whose parser caches exceptions, and
+    # with them every frame of the call stack (the training loop's, loaders included), for good.
+    axes[0].yaxis.set_major_formatter(LogFormatter())
+    axes[0].yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     for axis, (title, unit) in zip(axes, PANELS):
         axis.set_title(title)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(unit)
-        axis.grid(alpha=0.3)
+        axis.grid(alpha=0.3, which="both" if axis is axes[0] else "major")
         if axis.lines:
             axis.legend(fontsize="small")
     figure.tight_layout()
-    try:
-        return replace_file(path, lambda stream: figure.savefig(stream, format="png", dpi=90))
-    finally:
-        pyplot.close(figure)
+    return figure
+
+
+def plot_runs(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike) -> Path:
+    """Draw ``{name: records}`` into the PNG ``path``, atomically."""
+    path = Path(path)
+    figure = draw_runs(runs)
+    with replacing(path) as temporary:
+        figure.savefig(temporary, dpi=90, format="png")
+    return path
 
 
 class CurvesWriter:

@@ -22,10 +22,11 @@ from torch import nn
 from models.errors import UserError
 from training.distributed import sum_across_ranks
 from training.averaging import NoAverage
-from training.metrics import (Progress, RunningSums, StepClock, Throughput, accuracy_summary, epoch_line,
-                              eval_line, fps_summary, train_line)
+from training.metrics import (RunningSums, StepClock, Throughput, accuracy_summary, epoch_line, eval_line,
+                              fps_summary, train_line)
 from training.data.mixing import keep_batch
 from training.precision import Precision
+from training.progress import Display, Progress
 from training.schedule import LrSchedule
 from training.seeding import seed_step
 
@@ -70,8 +71,12 @@ class LoopSettings:
     fps_warmup_steps: int = 5
     clip_grad: float | None = None
     zero_grad_to_none: bool = True  # torch_npu's fused SGD needs gradients kept (False)
-    progress: str = "auto"
+    progress: str = "auto"  # training.progress.MODES
     show_progress: bool = True
+
+    @property
+    def display(self) -> Display:
+        return Display(self.progress, self.show_progress)
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,7 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable, optimizer:
     sums = sums if sums is not None else RunningSums(settings.device)
     clock = StepClock(settings.device)
     throughput = Throughput(settings.device, settings.fps_warmup_steps, steps - position.start_step)
-    progress = Progress(settings.progress, settings.show_progress)
+    progress = Progress(steps, f"Epoch {epoch}", display=settings.display, done=position.start_step)
     replaced: list[str] = []
     unchecked: list[torch.Tensor] = []
     first_unchecked, step, interrupted = position.start_step, position.start_step - 1, False
@@ -205,11 +210,15 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable, optimizer:
             unchecked, first_unchecked = [], step + 1
             step_time, data_time = clock.read()
             running = sums.read()
-            progress.line(train_line(epoch, step + 1, steps, step_time, data_time, running, done, lr))
+            images_per_second = done / step_time if step_time > 0 else 0.0
+            progress.report(train_line(epoch, step + 1, steps, step_time, data_time, running, done, lr),
+                            loss=f"{running['loss']:.4g}", acc1=f"{running['acc1']:.1f}",
+                            img_s=f"{images_per_second:.1f}", lr=f"{lr:.3g}")
             if report is not None:
                 report({"mode": "step", "epoch": epoch, "step": step + 1, "steps": steps,
                         "global_step": epoch * steps + step + 1, "loss": running["loss"], "lr": lr,
-                        "images_per_second": done / step_time if step_time > 0 else 0.0})
+                        "images_per_second": images_per_second})
+        progress.advance()
         if control is not None and control.after_step(position, step + 1, sums):
             interrupted = True
             break
@@ -273,7 +282,7 @@ def evaluate(model: nn.Module, loader: Any, criterion: Callable, precision: Prec
     started = time.perf_counter()
     steps = len(loader)
     sums, clock = RunningSums(settings.device), StepClock(settings.device)
-    progress = Progress(settings.progress, settings.show_progress)
+    progress = Progress(steps, "Test", unit="batch", display=settings.display)
     replaced: list[str] = []
     for step, (waited, (images, target, replaced_paths)) in enumerate(_batches(loader, steps)):
         clock.data_ready(waited)
@@ -283,7 +292,10 @@ def evaluate(model: nn.Module, loader: Any, criterion: Callable, precision: Prec
             loss = criterion(logits, target)
         sums.add(loss, logits, target)
         if (step + 1) % settings.print_freq == 0 or step + 1 == steps:
-            progress.line(eval_line(step + 1, steps, clock.read()[0], sums.read()))
+            running = sums.read()
+            progress.report(eval_line(step + 1, steps, clock.read()[0], running), loss=f"{running['loss']:.4g}",
+                            acc1=f"{running['acc1']:.1f}")
+        progress.advance()
     progress.close()
     totals = sums.read(across_ranks=True)
     log.info(accuracy_summary(totals["acc1"], totals["acc5"], "EMA" if averaged else ""))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ import torch
 from training import device as devices
 from training.atomic import WriteError, describe_os_error
 from training.distributed import sum_across_ranks
+from training.progress import ConsoleHandler
 
 log = logging.getLogger(__name__)
 
@@ -152,28 +154,6 @@ class StepClock:
         return step_time, data_time
 
 
-class Progress:
-    """A one-line progress bar on a terminal, plain log lines in a log file."""
-
-    def __init__(self, mode: str = "auto", enabled: bool = True):
-        self.bar = enabled and (mode == "bar" or (mode == "auto" and sys.stdout.isatty()))
-        self._open_line = False
-
-    def line(self, text: str) -> None:
-        if self.bar:
-            sys.stdout.write("\r\033[K" + text)
-            sys.stdout.flush()
-            self._open_line = True
-        else:
-            log.info(text)
-
-    def close(self) -> None:
-        if self._open_line:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            self._open_line = False
-
-
 def train_line(epoch: int, step: int, steps: int, step_time: float, data_time: float,
                sums: dict[str, float], batch_images: int, lr: float) -> str:
     width = len(str(steps))
@@ -194,6 +174,23 @@ def eval_line(step: int, steps: int, step_time: float, sums: dict[str, float]) -
     width = len(str(steps))
     return (f"Test: [{step:>{width}}/{steps}]  Time {step_time:.3f}  Loss {sums['loss']:.4f}  "
             f"Acc@1 {sums['acc1']:7.3f}  Acc@5 {sums['acc5']:7.3f}")
+
+
+# A validation loss this many times that of a uniform guess (ln of the class count) is no
+# ordinary overfitting: the eval-mode outputs are huge (see explain_validation_loss).
+UNSETTLED_LOSS_RATIO = 10.0
+
+
+def explain_validation_loss(val_loss: float, train_loss: float, num_classes: int) -> None:
+    """Say why a validation loss is far above any ordinary one, when it is (finite ones; a
+    non-finite loss gets its own warning before the checkpoint is written)."""
+    uniform = math.log(max(num_classes, 2))
+    if math.isfinite(val_loss) and val_loss > UNSETTLED_LOSS_RATIO * uniform:
+        log.info("note: validation loss %.4g is over %g times a uniform guess's (%.3g) while training's is %.4g: "
+                 "in eval mode BatchNorm normalises with its running statistics, an average over the last steps, "
+                 "which lag behind weights that still change fast (early epochs, few steps, a high learning rate), "
+                 "so the outputs come out huge; this settles as training goes on and the learning rate decays",
+                 val_loss, UNSETTLED_LOSS_RATIO, uniform, train_loss)
 
 
 def accuracy_summary(acc1: float, acc5: float, weights: str = "") -> str:
@@ -329,7 +326,7 @@ class _RankFormatter(logging.Formatter):
 def setup_logging(rank: int, world_size: int) -> None:
     """Rank 0 logs INFO, other ranks WARNING and above, all to stdout; every module logs
     through ``logging.getLogger(__name__)``."""
-    handler = logging.StreamHandler(sys.stdout)
+    handler = ConsoleHandler(sys.stdout)
     handler.setFormatter(_RankFormatter(rank, world_size > 1))
     root = logging.getLogger()
     root.handlers[:] = [handler]

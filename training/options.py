@@ -5,8 +5,11 @@ Option names follow the ModelZoo scripts (``-a``, ``--data``, ``--data_path``,
 written; options that were dead upstream are accepted and ignored with a warning. Recipe
 options default to ``None`` and are filled by :mod:`training.config`.
 
-``parse_command_line`` also reports which options the user typed (``explicit``): on resume
-those win over the checkpoint's values (see ``training.config``).
+Each option is added with ``resumed=``: whether a resumed run takes it from the checkpoint
+(``training.config.RESUMED_OPTIONS`` is derived from it, so no option can be left out of the
+resume policy), and with a ``type`` that checks its range, so a value out of range stops at
+parse time with one line. ``parse_command_line`` also reports which options the user typed
+(``explicit``): on resume those win over the checkpoint's values (see ``training.config``).
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import models
-from training.device import DEVICE_ALIASES, DEVICE_CHOICES, canonical_type
+from training.device import CAPABILITIES, DEVICE_ALIASES, DEVICE_CHOICES, canonical_type
 from training.optim import OPTIMIZERS
+from training.progress import MODES as PROGRESS_MODES
 from training.recipes import RECIPES
 from training.data.transforms import AUTO_AUGMENT
 
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 
 OPT_LEVELS = ("O0", "O1", "O2", "O3")
 PUBLISHED = "published"  # --pretrained without a file: the architecture's published weights
+DIST_BACKENDS = tuple(sorted({row.dist_backend for row in CAPABILITIES.values()}))
 
 # ModelZoo options that did nothing (or broke the run) upstream: accepted, ignored, named in a warning.
 IGNORED_UPSTREAM = {
@@ -39,12 +44,31 @@ IGNORED_UPSTREAM = {
 }
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a default only where it tells something: never for flags, never ``None`` (an unset
+    option takes the recipe's value or a computed one, which its help text names)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if _default_worth_showing(action) and "default" not in text:
+            text += f" (default: {_default_text(action.default)})".replace("%", "%%")
+        return text
 
 
-def _checked_number(convert, accepts, requirement: str, name: str):
-    """An argparse ``type`` that converts with ``convert`` and rejects values outside a range."""
+def _default_worth_showing(action: argparse.Action) -> bool:
+    return (bool(action.option_strings) and action.nargs != 0 and action.default is not None
+            and action.default is not argparse.SUPPRESS)
+
+
+def _default_text(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(_default_text(item) for item in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def checked_number(convert, accepts, requirement: str, name: str):
+    """An argparse ``type`` that converts with ``convert`` and rejects values outside a range
+    (argparse then ends with one line naming the option, the value and the range)."""
     def parse(text: str):
         value = convert(text)
         if not math.isfinite(value) or not accepts(value):
@@ -54,12 +78,18 @@ def _checked_number(convert, accepts, requirement: str, name: str):
     return parse
 
 
-_positive_int = _checked_number(int, lambda v: v > 0, "a positive integer", "int")
-_non_negative_float = _checked_number(float, lambda v: v >= 0, ">= 0", "float")
-_probability = _checked_number(float, lambda v: 0.0 <= v <= 1.0, "between 0 and 1", "float")
-_fraction = _checked_number(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]", "float")
-_positive_float = _checked_number(float, lambda v: v > 0, "positive", "float")
-_open_fraction = _checked_number(float, lambda v: 0.0 < v < 1.0, "in (0, 1)", "float")
+positive_int = checked_number(int, lambda v: v > 0, "a positive integer", "int")
+non_negative_int = checked_number(int, lambda v: v >= 0, "an integer >= 0", "int")
+non_negative_float = checked_number(float, lambda v: v >= 0, ">= 0", "float")
+positive_float = checked_number(float, lambda v: v > 0, "positive", "float")
+probability = checked_number(float, lambda v: 0.0 <= v <= 1.0, "between 0 and 1", "float")
+fraction = checked_number(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]", "float")
+open_fraction = checked_number(float, lambda v: 0.0 < v < 1.0, "in (0, 1)", "float")
+below_one = checked_number(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)", "float")
+_port = checked_number(int, lambda v: 1 <= v <= 65535, "a TCP port, 1 to 65535", "int")
+_seed = checked_number(int, lambda v: 0 <= v < 2**64, "an integer in 0 .. 2^64-1", "int")
+_nodes = checked_number(int, lambda v: v >= 1 or v == -1, "positive, or -1 for one node", "int")
+_node_rank = checked_number(int, lambda v: v >= -1, ">= 0, or -1 for 0", "int")
 
 
 def _loss_scale(text: str) -> str:
@@ -69,12 +99,13 @@ def _loss_scale(text: str) -> str:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number or 'dynamic', got {text!r}") from None
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return text
 
 
-def _arch(text: str) -> str:
+def architecture(text: str) -> str:
+    """An argparse ``type``: the registry's name for ``text`` (aliases accepted), or the choices."""
     try:
         return models.resolve_arch(text)
     except ValueError as error:
@@ -88,229 +119,252 @@ def _device(text: str) -> str:
     return name
 
 
+class _Topic:
+    """One group of ``-h``, whose every option says whether it defines the training: a resumed run
+    takes such an option from its checkpoint unless it is typed again (``training.config``)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, title: str, description: str | None = None):
+        self.group = parser.add_argument_group(title, description)
+
+    def add(self, *flags: str, resumed: bool, **kwargs) -> argparse.Action:
+        action = self.group.add_argument(*flags, **kwargs)
+        action.resumed = resumed
+        return action
+
+
+def resumed_options(parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    """The destinations of ``parser``'s options that a resumed run takes from its checkpoint."""
+    return tuple(dict.fromkeys(action.dest for action in parser._actions if getattr(action, "resumed", False)))
+
+
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("data_dir", nargs="?", default=None, metavar="DIR",
-                       help="the data set, as pytorch/examples takes it (same as --data)")
-    group.add_argument("--data", "--data_path", dest="data", metavar="DIR",
-                       help="ImageFolder root holding train/<class>/* and val/<class>/*")
-    group.add_argument("--dummy", action="store_true",
-                       help="train on the embedded synthetic JPEG data set (made once in a cache "
-                            "folder), with a quick low-resolution recipe")
-    group.add_argument("--synthetic", action="store_true",
-                       help="random batches already on the device instead of a data set (measures the "
-                            "training step alone; 1000 classes unless --num-classes)")
-    group.add_argument("--dummy-dir", metavar="DIR", default=None,
-                       help="where --dummy keeps its data set (default: $XDG_CACHE_HOME/inception-xception)")
-    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
-                       help="data loading processes per device; with --multiprocessing-distributed per node, "
-                            "divided between its devices as ModelZoo does (default: from the CPU count)")
-    group.add_argument("--image-size", type=_positive_int, default=None, metavar="N",
-                       help="training crop size; validation uses Resize(N/0.875)+CenterCrop(N) "
-                            "(default: the model's input size, 299)")
-    group.add_argument("--num-classes", type=_positive_int, default=None, metavar="N",
-                       help="classifier size (default: the number of class folders)")
-    group.add_argument("--strict-data", action="store_true",
-                       help="stop at the first unreadable image instead of replacing and counting it")
+    topic = _Topic(parser, "data")
+    topic.add("data_dir", nargs="?", default=None, metavar="DIR", resumed=False,
+              help="the data set, as pytorch/examples takes it (same as --data)")
+    topic.add("--data", "--data_path", dest="data", metavar="DIR", resumed=False,
+              help="ImageFolder root holding train/<class>/* and val/<class>/*")
+    topic.add("--dummy", action="store_true", resumed=False,
+              help="train on the embedded synthetic JPEG data set (made once in a cache folder), with a quick "
+                   "low-resolution recipe")
+    topic.add("--synthetic", action="store_true", resumed=False,
+              help="random batches already on the device instead of a data set (measures the training step "
+                   "alone; 1000 classes unless --num-classes)")
+    topic.add("--dummy-dir", metavar="DIR", default=None, resumed=False,
+              help="where --dummy keeps its data set (default: $XDG_CACHE_HOME/inception-xception)")
+    topic.add("-j", "--workers", type=non_negative_int, default=None, metavar="N", resumed=False,
+              help="data loading processes per device; with --multiprocessing-distributed per node, divided "
+                   "between its devices as ModelZoo does (default: from the CPU count)")
+    topic.add("--image-size", type=positive_int, default=None, metavar="N", resumed=True,
+              help="training crop size; validation uses Resize(N/0.875)+CenterCrop(N) (default: the model's "
+                   "input size, 299)")
+    topic.add("--num-classes", type=positive_int, default=None, metavar="N", resumed=True,
+              help="classifier size (default: the number of class folders)")
+    topic.add("--strict-data", action="store_true", resumed=False,
+              help="stop at the first unreadable image instead of replacing and counting it")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("-a", "--arch", type=_arch, default="inception_v3", metavar="ARCH",
-                       help="architecture: " + ", ".join(models.list_models()))
-    group.add_argument("--pretrained", nargs="?", const=PUBLISHED, default=None, metavar="FILE",
-                       help="initial weights: alone, the architecture's published ImageNet weights "
-                            "(torchvision inception_v3 IMAGENET1K_V1, timm legacy_xception); with FILE, a local "
-                            "state dict or checkpoint (ours or ModelZoo's). Heads are re-initialised when "
-                            "the class count differs")
-    group.add_argument("--aux-loss-weight", type=_non_negative_float, default=None, metavar="W",
-                       help="weight of Inception's auxiliary loss; 0 turns the aux head off (recipe: 0.4)")
-    group.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                       help="keep NCHW memory format (channels_last is faster on GPUs and CPUs; NPUs "
-                            "accept NCHW only, so there it is always off)")
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the model (compile time is reported separately)")
+    topic = _Topic(parser, "model")
+    topic.add("-a", "--arch", type=architecture, default="inception_v3", metavar="ARCH", resumed=False,
+              help="architecture: " + ", ".join(models.list_models()))
+    topic.add("--pretrained", nargs="?", const=PUBLISHED, default=None, metavar="FILE", resumed=False,
+              help="initial weights: alone, the architecture's published ImageNet weights (torchvision "
+                   "inception_v3 IMAGENET1K_V1, timm legacy_xception); with FILE, a local state dict or "
+                   "checkpoint (ours or ModelZoo's). Heads are re-initialised when the class count differs")
+    topic.add("--aux-loss-weight", type=non_negative_float, default=None, metavar="W", resumed=True,
+              help="weight of Inception's auxiliary loss; 0 turns the aux head off (recipe: 0.4)")
+    topic.add("--drop-rate", type=below_one, default=None, metavar="P", resumed=True,
+              help="dropout before the classifier, in [0, 1) (default: the model's, 0.5 inception_v3, "
+                   "0 xception; paper: 0.5 xception)")
+    topic.add("--no-channels-last", dest="channels_last", action="store_false", resumed=False,
+              help="keep the contiguous NCHW memory format; without it, models and batches are channels-last "
+                   "where the device allows it (faster on GPUs and CPUs; NPUs take NCHW only)")
+    topic.add("--compile", action="store_true", resumed=False,
+              help="torch.compile the model (compile time is reported separately)")
 
 
 def _add_optimisation_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("optimisation (unset values come from the recipe of -a)")
-    group.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
-                       help="total epochs (recipe: 240 inception_v3, 150 xception)")
-    group.add_argument("--start-epoch", type=int, default=None, metavar="N",
-                       help="epoch to start at (default 0, or the resumed checkpoint's; given, it "
-                            "overrides the checkpoint's)")
-    group.add_argument("-b", "--batch-size", type=_positive_int, default=None, metavar="N",
-                       help="batch size per device; with --multiprocessing-distributed per node, divided "
-                            "between its devices as ModelZoo does (recipe: 256 inception_v3, 128 xception)")
-    group.add_argument("--lr", "--learning-rate", dest="lr", type=_non_negative_float, default=None,
-                       metavar="LR", help="peak learning rate, not rescaled for the world size "
-                                          "(recipe: 0.045/1.2 inception_v3, 0.1/0.8 xception on 1/8 devices)")
-    group.add_argument("--momentum", type=_non_negative_float, default=None, metavar="M",
-                       help="SGD momentum (recipe: 0.9)")
-    group.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_non_negative_float,
-                       default=None, metavar="WD",
-                       help="weight decay (recipe: 2e-4/1e-4 inception_v3, 1e-4 xception on 1/several devices)")
-    group.add_argument("--no-bn-weight-decay", action="store_true",
-                       help="no weight decay on BatchNorm parameters and biases")
-    group.add_argument("--label-smoothing", type=_non_negative_float, default=None, metavar="E",
-                       help="label smoothing epsilon, 0 allowed (recipe: 0.1; 0 for xception on 1 device)")
-    group.add_argument("--warm_up_epochs", "--warmup-epochs", dest="warm_up_epochs",
-                       type=_non_negative_float, default=None, metavar="N",
-                       help="linear warm-up epochs before the schedule (recipe: 5 for xception on several "
-                            "devices, else 0; scaled down with a shorter --epochs)")
-    group.add_argument("--lr-schedule", choices=("cosine", "step"), default=None,
-                       help="decay after warm-up (recipe: cosine)")
-    group.add_argument("--lr-step-epochs", type=_positive_int, default=None, metavar="N",
-                       help="step schedule: decay every N epochs (default 30)")
-    group.add_argument("--lr-gamma", type=_non_negative_float, default=None, metavar="G",
-                       help="step schedule: decay factor (default 0.1)")
-    group.add_argument("--clip-grad", type=_non_negative_float, default=None, metavar="NORM",
-                       help="clip the gradient norm to NORM")
-    group.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
-                       help="stop each training epoch after N steps (performance runs)")
-    group.add_argument("--npu-fused-sgd", action="store_true",
-                       help="NPU: torch_npu's NpuFusedSGD (one kernel for all parameters, as ModelZoo's "
-                            "apex combine_grad)")
+    topic = _Topic(parser, "optimisation", "Unset values come from the recipe of -a (--recipe).")
+    topic.add("--recipe", choices=RECIPES, default="modelzoo", resumed=True,
+              help="the ModelZoo scripts' values, or the papers' (RMSProp/SGD, lr 0.045 x 0.94 every 2 epochs, "
+                   "averaged weights; every value is printed at start)")
+    topic.add("--epochs", type=positive_int, default=None, metavar="N", resumed=True,
+              help="total epochs (recipe: 240 inception_v3, 150 xception)")
+    topic.add("--start-epoch", type=non_negative_int, default=None, metavar="N", resumed=False,
+              help="epoch to start at (default 0, or the resumed checkpoint's; given, it overrides the "
+                   "checkpoint's)")
+    topic.add("-b", "--batch-size", type=positive_int, default=None, metavar="N", resumed=True,
+              help="batch size per device; with --multiprocessing-distributed per node, divided between its "
+                   "devices as ModelZoo does (recipe: 256 inception_v3, 128 xception)")
+    topic.add("--accum-steps", type=positive_int, default=1, metavar="N", resumed=True,
+              help="accumulate the gradients of N batches per optimizer step (the global batch is N times "
+                   "larger; the learning rate follows optimizer steps)")
+    topic.add("--opt", choices=OPTIMIZERS, default=None, resumed=True,
+              help="optimizer, torch's own (recipe: sgd; paper: rmsprop for inception_v3)")
+    topic.add("--lr", "--learning-rate", dest="lr", type=non_negative_float, default=None, metavar="LR",
+              resumed=True, help="peak learning rate, not rescaled for the world size "
+                                 "(recipe: 0.045/1.2 inception_v3, 0.1/0.8 xception on 1/8 devices)")
+    topic.add("--momentum", type=below_one, default=None, metavar="M", resumed=True,
+              help="SGD and RMSProp momentum, in [0, 1) (recipe: 0.9)")
+    topic.add("--nesterov", action="store_true", resumed=True, help="Nesterov momentum")
+    topic.add("--opt-eps", type=positive_float, default=None, metavar="EPS", resumed=True,
+              help="optimizer epsilon (rmsprop, adamw; default: the recipe's, else torch's)")
+    topic.add("--wd", "--weight-decay", dest="weight_decay", type=non_negative_float, default=None, metavar="WD",
+              resumed=True, help="weight decay (recipe: 2e-4/1e-4 inception_v3, 1e-4 xception on 1/several "
+                                 "devices)")
+    topic.add("--no-bn-weight-decay", action="store_true", resumed=True,
+              help="no weight decay on BatchNorm parameters and biases")
+    topic.add("--label-smoothing", type=below_one, default=None, metavar="E", resumed=True,
+              help="label smoothing epsilon, in [0, 1) (recipe: 0.1; 0 for xception on 1 device)")
+    topic.add("--warm_up_epochs", "--warmup-epochs", dest="warm_up_epochs", type=non_negative_float,
+              default=None, metavar="N", resumed=True,
+              help="linear warm-up epochs before the schedule (recipe: 5 for xception on several devices, "
+                   "else 0; scaled down with a shorter --epochs)")
+    topic.add("--lr-schedule", choices=("cosine", "step"), default=None, resumed=True,
+              help="decay after warm-up (recipe: cosine)")
+    topic.add("--lr-step-epochs", type=positive_int, default=None, metavar="N", resumed=True,
+              help="step schedule: decay every N epochs (recipe: 30)")
+    topic.add("--lr-gamma", type=fraction, default=None, metavar="G", resumed=True,
+              help="step schedule: decay factor, in (0, 1] (recipe: 0.1)")
+    topic.add("--clip-grad", type=non_negative_float, default=None, metavar="NORM", resumed=True,
+              help="clip the gradient norm to NORM (0: no clipping; recipe: none; paper: 2 inception_v3)")
+    topic.add("--max-steps", type=positive_int, default=None, metavar="N", resumed=True,
+              help="stop each training epoch after N steps (performance runs)")
+    topic.add("--npu-fused-sgd", action="store_true", resumed=False,
+              help="NPU: torch_npu's NpuFusedSGD (one kernel for all parameters, as ModelZoo's apex "
+                   "combine_grad)")
+
+
+def _add_augmentation_options(parser: argparse.ArgumentParser) -> None:
+    topic = _Topic(parser, "augmentation", "In the loader workers (--mixup, --cutmix: on the device batch);\n"
+                                           "the ModelZoo recipes use these defaults.")
+    topic.add("--scale", type=fraction, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"), resumed=True,
+              help="RandomResizedCrop area range")
+    topic.add("--ratio", type=positive_float, nargs=2, default=[3 / 4, 4 / 3], metavar=("MIN", "MAX"),
+              resumed=True, help="RandomResizedCrop aspect-ratio range")
+    topic.add("--hflip", type=probability, default=0.5, metavar="P", resumed=True,
+              help="horizontal flip probability")
+    topic.add("--interpolation", choices=("bilinear", "bicubic", "lanczos", "nearest"), default=None,
+              resumed=True, help="resize filter (default: the model's, bilinear)")
+    topic.add("--crop-pct", type=fraction, default=None, metavar="F", resumed=True,
+              help="evaluation centre crop: resize the short side to size / F first (default 0.875: 342 for 299)")
+    topic.add("--auto-augment", choices=AUTO_AUGMENT, default=None, resumed=True,
+              help="torchvision v2 policy: RandAugment, TrivialAugmentWide, AugMix, AutoAugment(ImageNet) "
+                   "(default: none)")
+    topic.add("--random-erase", type=probability, default=0.0, metavar="P", resumed=True,
+              help="RandomErasing probability (torchvision v2)")
+    topic.add("--mixup", type=non_negative_float, default=0.0, metavar="ALPHA", resumed=True,
+              help="MixUp with Beta(ALPHA, ALPHA), soft-target loss (0: off)")
+    topic.add("--cutmix", type=non_negative_float, default=0.0, metavar="ALPHA", resumed=True,
+              help="CutMix (0: off; with --mixup, one of the two per batch)")
+
+
+def _add_averaging_options(parser: argparse.ArgumentParser) -> None:
+    topic = _Topic(parser, "averaging")
+    topic.add("--model-ema", dest="model_ema", action="store_true", default=None, resumed=True,
+              help="keep an exponential moving average of the weights (BatchNorm buffers included), validated "
+                   "every epoch (recipe: off; paper: on)")
+    topic.add("--no-model-ema", dest="model_ema", action="store_false", default=None, resumed=True,
+              help="no weight averaging, even with --recipe paper")
+    topic.add("--model-ema-decay", type=open_fraction, default=None, metavar="D", resumed=True,
+              help="EMA decay per optimizer step, in (0, 1) (recipe: 0.9998)")
+    topic.add("--model-ema-warmup", action="store_true", resumed=True,
+              help="ramp the EMA decay up: min(D, (1 + t) / (10 + t)) after t updates")
+    topic.add("--no-ema", dest="eval_ema", action="store_false", resumed=False,
+              help="-e: evaluate the raw weights even when the checkpoint holds averaged (EMA) ones")
 
 
 def _add_precision_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("precision")
-    group.add_argument("--amp", action="store_true",
-                       help="mixed precision: fp16 with loss scaling on NPU/CUDA, bf16 on CPU")
-    group.add_argument("--amp-dtype", choices=("auto", "float16", "bfloat16"), default="auto",
-                       help="autocast dtype for --amp")
-    group.add_argument("--opt-level", choices=OPT_LEVELS, default="O2",
-                       help="apex-style level: O0 disables --amp; with --apex it goes to amp.initialize")
-    group.add_argument("--loss-scale", "--loss_scale", dest="loss_scale", type=_loss_scale, default=None,
-                       metavar="S|dynamic",
-                       help="fp16 loss scale: a fixed number, or 'dynamic' (or -1) (recipe: 1024/128 "
-                            "inception_v3 on 1/several devices; dynamic/1024 xception)")
-    group.add_argument("--apex", action="store_true",
-                       help="use apex amp.initialize instead of torch.amp (needs apex installed)")
+    topic = _Topic(parser, "precision")
+    topic.add("--amp", action="store_true", resumed=True,
+              help="mixed precision: fp16 with loss scaling on NPU/CUDA, bf16 on CPU")
+    topic.add("--amp-dtype", choices=("auto", "float16", "bfloat16"), default="auto", resumed=True,
+              help="autocast dtype for --amp (auto: the device's)")
+    topic.add("--opt-level", choices=OPT_LEVELS, default="O2", resumed=True,
+              help="apex-style level: O0 disables --amp; with --apex it goes to amp.initialize")
+    topic.add("--loss-scale", "--loss_scale", dest="loss_scale", type=_loss_scale, default=None,
+              metavar="S|dynamic", resumed=True,
+              help="fp16 loss scale: a fixed number, or 'dynamic' (or -1) (recipe: 1024/128 inception_v3 on "
+                   "1/several devices; dynamic/1024 xception)")
+    topic.add("--apex", action="store_true", resumed=False,
+              help="use apex amp.initialize instead of torch.amp (needs apex installed)")
 
 
 def _add_device_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("device")
-    group.add_argument("--device", type=_device, default="auto", metavar="{" + ",".join(DEVICE_CHOICES) + "}",
-                       help="auto picks npu, then cuda, then mps, then cpu; "
-                            + ", ".join(f"{k} means {v}" for k, v in DEVICE_ALIASES.items()))
-    group.add_argument("--gpu", "--npu", dest="device_id", type=int, default=None, metavar="ID",
-                       help="device index for a single-process run (default: the local rank); with "
-                            "--multiprocessing-distributed, run only this device's process (ModelZoo's "
-                            "one-process-per-device loop)")
-    group.add_argument("--npu-binary-kernels", action="store_true",
-                       help="NPU: use pre-compiled binary kernels (set_compile_mode(jit_compile=False))")
+    topic = _Topic(parser, "device")
+    topic.add("--device", type=_device, default="auto", metavar="{" + ",".join(DEVICE_CHOICES) + "}",
+              resumed=False, help="auto picks npu, then cuda, then mps, then cpu; "
+                                  + ", ".join(f"{k} means {v}" for k, v in DEVICE_ALIASES.items()))
+    topic.add("--gpu", "--npu", dest="device_id", type=non_negative_int, default=None, metavar="ID",
+              resumed=False,
+              help="device index for a single-process run (default: the local rank); with "
+                   "--multiprocessing-distributed, run only this device's process (ModelZoo's "
+                   "one-process-per-device loop)")
+    topic.add("--npu-binary-kernels", action="store_true", resumed=False,
+              help="NPU: use pre-compiled binary kernels (set_compile_mode(jit_compile=False))")
 
 
 def _add_distributed_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "distributed (torchrun sets these through the environment; the ModelZoo "
-        "--multiprocessing-distributed way is kept)")
-    group.add_argument("--dist-backend", default=None,
-                       help="process group backend (default: hccl on NPU, nccl on CUDA, gloo on CPU)")
-    group.add_argument("--dist-timeout", type=_positive_int, default=600, metavar="SEC",
-                       help="a collective that waits longer than this fails the job instead of hanging")
-    group.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across devices")
-    group.add_argument("--multiprocessing-distributed", action="store_true",
-                       help="spawn one process per device of this node (--device_list, default: all visible)")
-    group.add_argument("--device_list", "--device-list", dest="device_list", default=None, metavar="IDS",
-                       help="comma-separated device ids for --multiprocessing-distributed (default: all "
-                            "visible devices of the node)")
-    group.add_argument("--world-size", dest="nodes", type=int, default=-1, metavar="NODES",
-                       help="with --multiprocessing-distributed: number of nodes (-1: one)")
-    group.add_argument("--rank", dest="node_rank", type=int, default=-1, metavar="NODE",
-                       help="with --multiprocessing-distributed: this node's rank (-1: 0)")
-    group.add_argument("--dist-url", default=None, metavar="URL",
-                       help="with --multiprocessing-distributed: rendezvous URL, tcp://HOST:PORT or env://")
-    group.add_argument("--addr", default=None,
-                       help="master address for --multiprocessing-distributed (wins over --dist-url's "
-                            "host, as in ModelZoo; default 127.0.0.1)")
-    group.add_argument("--port", type=int, default=None,
-                       help="master port for --multiprocessing-distributed (default: --dist-url's, else 29500)")
+    topic = _Topic(parser, "distributed", "torchrun sets these through the environment; ModelZoo's\n"
+                                          "--multiprocessing-distributed way is kept.")
+    topic.add("--dist-backend", choices=DIST_BACKENDS, default=None, resumed=False,
+              help="process group backend (default: hccl on NPU, nccl on CUDA, gloo on CPU)")
+    topic.add("--dist-timeout", type=positive_int, default=600, metavar="SEC", resumed=False,
+              help="a collective that waits longer than this fails the job instead of hanging")
+    topic.add("--sync-bn", action="store_true", resumed=False,
+              help="synchronise BatchNorm statistics across devices")
+    topic.add("--multiprocessing-distributed", action="store_true", resumed=False,
+              help="spawn one process per device of this node (--device_list, default: all visible)")
+    topic.add("--device_list", "--device-list", dest="device_list", default=None, metavar="IDS", resumed=False,
+              help="comma-separated device ids for --multiprocessing-distributed (default: all visible devices "
+                   "of the node)")
+    topic.add("--world-size", dest="nodes", type=_nodes, default=-1, metavar="NODES", resumed=False,
+              help="with --multiprocessing-distributed: number of nodes (-1: one)")
+    topic.add("--rank", dest="node_rank", type=_node_rank, default=-1, metavar="NODE", resumed=False,
+              help="with --multiprocessing-distributed: this node's rank (-1: 0)")
+    topic.add("--dist-url", default=None, metavar="URL", resumed=False,
+              help="with --multiprocessing-distributed: rendezvous URL, tcp://HOST:PORT or env://")
+    topic.add("--addr", default=None, metavar="HOST", resumed=False,
+              help="master address for --multiprocessing-distributed (wins over --dist-url's host, as in "
+                   "ModelZoo; default 127.0.0.1)")
+    topic.add("--port", type=_port, default=None, resumed=False,
+              help="master port for --multiprocessing-distributed (default: --dist-url's, else 29500)")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("run")
-    group.add_argument("--output_dir", "--output-dir", dest="output_dir", default="output", metavar="DIR",
-                       help="checkpoints, metrics.jsonl, args.json and TensorBoard logs")
-    group.add_argument("--resume", default=None, metavar="FILE|auto",
-                       help="continue from a checkpoint, at the exact step it was written; 'auto' takes "
-                            "--output_dir's own (and starts fresh when it holds no checkpoint file)")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace the run already in --output_dir: remove the files main.py writes there "
-                            "(a new run into such a folder is refused otherwise)")
-    group.add_argument("--save-every", type=_non_negative_float, default=30.0, metavar="MINUTES",
-                       help="also write checkpoint.pth.tar inside an epoch every MINUTES minutes (0: off)")
-    group.add_argument("--save-every-steps", type=int, default=0, metavar="N",
-                       help="also write checkpoint.pth.tar inside an epoch every N steps (0: off)")
-    group.add_argument("-e", "--evaluate", action="store_true",
-                       help="validate only (with --resume FILE or --pretrained) and print Acc@1/Acc@5")
-    group.add_argument("-p", "--print-freq", type=_positive_int, default=None, metavar="N",
-                       help="log every N steps (recipe: 10)")
-    group.add_argument("--fps-warmup-steps", type=int, default=5, metavar="N",
-                       help="steps of each epoch left out of the FPS figure")
-    group.add_argument("--seed", type=int, default=None,
-                       help="seed for a reproducible run (default: drawn at start and saved in checkpoints)")
-    group.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto",
-                       help="progress bar on a terminal, plain log lines otherwise")
-
-
-def _add_improvement_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "recipe, optimizer, averaging and augmentation (ours: the ModelZoo recipes leave them at these defaults)")
-    group.add_argument("--recipe", choices=RECIPES, default="modelzoo",
-                       help="the ModelZoo scripts' values, or the papers' (RMSProp/SGD, lr 0.045 x 0.94 every 2 "
-                            "epochs, averaged weights; every value is printed at start)")
-    group.add_argument("--opt", choices=OPTIMIZERS, default=None,
-                       help="optimizer, torch's own (recipe: sgd; paper: rmsprop for inception_v3)")
-    group.add_argument("--opt-eps", type=_positive_float, default=None, metavar="EPS",
-                       help="optimizer epsilon (rmsprop, adamw; default: the recipe's, else torch's)")
-    group.add_argument("--model-ema", dest="model_ema", action="store_true", default=None,
-                       help="keep an exponential moving average of the weights (BatchNorm buffers included), "
-                            "validated every epoch (recipe: off; paper: on)")
-    group.add_argument("--no-model-ema", dest="model_ema", action="store_false", default=None,
-                       help="no weight averaging, even with --recipe paper")
-    group.add_argument("--model-ema-decay", type=_open_fraction, default=None, metavar="D",
-                       help="EMA decay per optimizer step (default 0.9998)")
-    group.add_argument("--model-ema-warmup", action="store_true",
-                       help="ramp the EMA decay up: min(D, (1 + t) / (10 + t)) after t updates")
-    group.add_argument("--no-ema", dest="eval_ema", action="store_false",
-                       help="-e: evaluate the raw weights even when the checkpoint holds averaged (EMA) ones")
-    group.add_argument("--accum-steps", type=_positive_int, default=1, metavar="N",
-                       help="accumulate the gradients of N batches per optimizer step (the global batch is "
-                            "N times larger; the learning rate follows optimizer steps)")
-    group.add_argument("--drop-rate", type=_probability, default=None, metavar="P",
-                       help="dropout before the classifier (default: the model's, 0.5 inception_v3, 0 xception; "
-                            "paper: 0.5 xception)")
-    group.add_argument("--scale", type=_fraction, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
-                       help="RandomResizedCrop area range")
-    group.add_argument("--ratio", type=_positive_float, nargs=2, default=[3 / 4, 4 / 3], metavar=("MIN", "MAX"),
-                       help="RandomResizedCrop aspect-ratio range")
-    group.add_argument("--hflip", type=_probability, default=0.5, metavar="P", help="horizontal flip probability")
-    group.add_argument("--interpolation", choices=("bilinear", "bicubic", "lanczos", "nearest"), default=None,
-                       help="resize filter (default: the model's, bilinear)")
-    group.add_argument("--crop-pct", type=_fraction, default=None, metavar="F",
-                       help="evaluation centre crop: resize the short side to size / F first "
-                            "(default 0.875: 342 for 299)")
-    group.add_argument("--auto-augment", choices=AUTO_AUGMENT, default=None,
-                       help="torchvision v2 policy in the loader workers: RandAugment, TrivialAugmentWide, AugMix, "
-                            "AutoAugment(ImageNet)")
-    group.add_argument("--random-erase", type=_probability, default=0.0, metavar="P",
-                       help="RandomErasing probability (torchvision v2, in the workers)")
-    group.add_argument("--mixup", type=_non_negative_float, default=0.0, metavar="ALPHA",
-                       help="MixUp on the device batch with Beta(ALPHA, ALPHA) (0: off; soft-target loss)")
-    group.add_argument("--cutmix", type=_non_negative_float, default=0.0, metavar="ALPHA",
-                       help="CutMix on the device batch (0: off; with --mixup, one of the two per batch)")
+    topic = _Topic(parser, "run")
+    topic.add("--output_dir", "--output-dir", dest="output_dir", default="output", metavar="DIR", resumed=False,
+              help="checkpoints, metrics.jsonl, args.json and TensorBoard logs")
+    topic.add("--resume", default=None, metavar="FILE|auto", resumed=False,
+              help="continue from a checkpoint, at the exact step it was written; 'auto' takes --output_dir's own "
+                   "(and starts fresh when it holds no checkpoint file)")
+    topic.add("--overwrite", action="store_true", resumed=False,
+              help="replace the run already in --output_dir: remove the files main.py writes there "
+                   "(a new run into such a folder is refused otherwise)")
+    topic.add("--save-every", type=non_negative_float, default=30.0, metavar="MINUTES", resumed=False,
+              help="also write checkpoint.pth.tar inside an epoch every MINUTES minutes (0: off)")
+    topic.add("--save-every-steps", type=non_negative_int, default=0, metavar="N", resumed=False,
+              help="also write checkpoint.pth.tar inside an epoch every N steps (0: off)")
+    topic.add("-e", "--evaluate", action="store_true", resumed=False,
+              help="validate only (with --resume FILE or --pretrained) and print Acc@1/Acc@5")
+    topic.add("-p", "--print-freq", type=positive_int, default=None, metavar="N", resumed=True,
+              help="log every N steps (recipe: 10)")
+    topic.add("--fps-warmup-steps", type=non_negative_int, default=5, metavar="N", resumed=False,
+              help="steps of each epoch left out of the FPS figure")
+    topic.add("--seed", type=_seed, default=None, resumed=True,
+              help="seed for a reproducible run (default: drawn at start and saved in checkpoints)")
+    topic.add("--progress", choices=PROGRESS_MODES, default="auto", resumed=False,
+              help="a progress bar (percentage, rate, time left) when stdout is a terminal, else the log lines "
+                   "ModelZoo's parsers read; or force one")
 
 
 def _add_ignored_upstream_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("accepted for ModelZoo command lines, ignored with a warning")
+    topic = _Topic(parser, "accepted for ModelZoo command lines, ignored with a warning")
     for dest, flags in IGNORED_UPSTREAM.items():
         if dest in ("prof", "fine_tuning"):
-            group.add_argument(*flags, dest=dest, action="store_true", default=None, help="no effect")
+            topic.add(*flags, dest=dest, action="store_true", default=None, help="no effect", resumed=False)
         else:
-            group.add_argument(*flags, dest=dest, default=None, metavar="X", help="no effect")
+            topic.add(*flags, dest=dest, default=None, metavar="X", help="no effect", resumed=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  python main.py -a inception_v3 --data /data/imagenet --amp\n"
                "  torchrun --nproc_per_node 8 main.py -a inception_v3 --data /data/imagenet --amp\n"
                "  python main.py -a inception_v3 --data /data/imagenet -e --resume output/model_best.pth.tar")
-    for add in (_add_data_options, _add_model_options, _add_optimisation_options, _add_precision_options,
-                _add_device_options, _add_distributed_options, _add_run_options, _add_improvement_options,
-                _add_ignored_upstream_options):
+    for add in (_add_data_options, _add_model_options, _add_optimisation_options, _add_augmentation_options,
+                _add_averaging_options, _add_precision_options, _add_device_options, _add_distributed_options,
+                _add_run_options, _add_ignored_upstream_options):
         add(parser)
     return parser
 
@@ -395,13 +449,7 @@ def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error(f"--device_list must be comma-separated integers, got {args.device_list!r}")
         if not args.device_list:
             parser.error("--device_list is empty")
-    for name, value in (("--workers", args.workers), ("--fps-warmup-steps", args.fps_warmup_steps),
-                        ("--save-every-steps", args.save_every_steps)):
-        if value is not None and value < 0:
-            parser.error(f"{name} must be >= 0, got {value}")
-    if args.nodes == 0 or args.nodes < -1:
-        parser.error(f"--world-size (nodes) must be positive, or -1 for one node; got {args.nodes}")
-    if args.node_rank < -1 or (args.nodes > 0 and args.node_rank >= args.nodes):
+    if args.nodes > 0 and args.node_rank >= args.nodes:
         parser.error(f"--rank (this node) must be in 0..{max(args.nodes, 1) - 1}, got {args.node_rank}")
     for name, (low, high) in (("--scale", args.scale), ("--ratio", args.ratio)):
         if low > high:

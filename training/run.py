@@ -26,7 +26,7 @@ from models.errors import UserError
 from models.weights import load_weights
 from training import checkpoint as checkpoints
 from training import device as devices
-from training import distributed
+from training import distributed, progress
 from training.atomic import WriteError, replace_file
 from training.checkpoint import Checkpoint, first_nonfinite
 from training.config import RESUMED_OPTIONS, divide_per_node, resolve_options
@@ -35,7 +35,7 @@ from training.distributed import DistributedError, NodeLayout, Topology
 from training.engine import (EpochPosition, NonFiniteLossError, TrainingLoss, check_weights_before_saving, evaluate,
                              train_one_epoch)
 from training.memory import NotEnoughMemory, StepShape, check_step_fits, checkpoint_bytes, out_of_memory_as_error
-from training.metrics import MetricsWriter, RunningSums, setup_logging
+from training.metrics import MetricsWriter, RunningSums, explain_validation_loss, setup_logging
 from training.options import CommandLine, build_parser, parse_command_line, warn_ignored_options
 from training.preemption import RunControl, StopNow, Stopped, StopSignals, forwarded_stop_signals
 from training.rundir import RunFolder, admit
@@ -118,6 +118,7 @@ def worker(command: CommandLine, device_index: int | None = None) -> int:
         log.error("error: %s", error)
         return EXIT_USER_ERROR
     setup_logging(topology.process_rank, topology.process_count)
+    progress.configure(command.args.progress, topology.is_main)
     if topology.is_main:
         warn_ignored_options(command.args)
     signals = StopSignals()
@@ -291,6 +292,7 @@ class Run:
                 if record.pop("interrupted"):
                     raise Stopped(control.exit_code)
                 record.update(validate(state, loaders, parts.settings))
+                explain_validation_loss(record["val_loss"], record["train_loss"], state.identity.num_classes)
                 check_weights_before_saving(state.model, record["val_loss"], epoch)
                 state.finish_epoch(epoch + 1, *best_of(record))
                 self._save(state, best=state.is_best)

@@ -320,7 +320,11 @@ def build_run(command: CommandLine, topology: Topology, device: torch.device, ca
 
 
 def log_start(parts: RunParts, topology: Topology, device: torch.device) -> None:
-    """What the run is: network, data, batch, learning rate, precision, seed, and choices made for the user."""
+    """What the run is: network, data, batch, learning rate, precision, seed, and choices made for the user;
+    for an evaluation, only what it depends on: the weights, network, images, device and precision."""
+    if parts.args.evaluate:
+        _log_evaluation_start(parts, topology, device)
+        return
     args, loaders, count = parts.args, parts.loaders, topology.process_count
     log.info("network: %s, %d classes, %d training images, image size %s, device %s, %d process(es)",
              args.arch, parts.state.identity.num_classes, loaders.train_images, args.image_size or "model default",
@@ -337,4 +341,16 @@ def log_start(parts: RunParts, topology: Topology, device: torch.device) -> None
                  "it is not applied automatically", linear_scaling_hint(args.arch, count, args.batch_size))
     log.info("precision: %s; seed %d", parts.state.precision.description, args.seed)
     for note in parts.notes:
+        log.info("note: %s", note)
+
+
+def _log_evaluation_start(parts: RunParts, topology: Topology, device: torch.device) -> None:
+    args = parts.args
+    weights = args.resume or ("the published ImageNet weights" if args.pretrained == PUBLISHED else args.pretrained)
+    log.info("evaluating %s: %s, %d classes, image size %s, device %s, %d process(es)", weights, args.arch,
+             parts.state.identity.num_classes, parts.state.identity.image_size, describe(device),
+             topology.process_count)
+    log.info("validation: %d batches of up to %d images per device; precision: %s", len(parts.loaders.val),
+             parts.loaders.batch_size, parts.state.precision.description)
+    for note in parts.decisions.notes:
         log.info("note: %s", note)

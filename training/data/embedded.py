@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from training.progress import QUIET, Progress
+
+log = logging.getLogger(__name__)
 
 # The embedded default dataset (``ensure_dummy_imagefolder``). Bump DUMMY_VERSION whenever
 # anything below or the drawing code changes, so stale caches are not reused.
@@ -111,6 +116,7 @@ def make_imagefolder(
     fmt: str = "JPEG",
     quality: int = 90,
     sizes_jitter: float = 0.0,
+    progress: str | None = None,
 ) -> Path:
     """Write ``root/{train,val}/class_XX/*`` of the synthetic task and return ``root``.
 
@@ -119,6 +125,7 @@ def make_imagefolder(
         fmt: Pillow format name (JPEG, PNG, BMP, WEBP, TIFF, PPM).
         sizes_jitter: each side is scaled by a random factor in ``[1 - j, 1 + j]``
             (0.25 around 500x375 gives an ImageNet-like spread of sizes).
+        progress: a description for a progress bar (``training.progress``), or None: none.
     """
     root = Path(root)
     fmt = fmt.upper()
@@ -127,6 +134,8 @@ def make_imagefolder(
     base = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     save_args = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
 
+    bar = Progress(num_classes * (train_per_class + val_per_class), progress or "", unit="img",
+                   display=None if progress else QUIET)
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for label in range(num_classes):
             folder = root / split / class_name(label, num_classes)
@@ -137,6 +146,8 @@ def make_imagefolder(
                 pixels = render_image(rng, label, num_classes, w, h)
                 path = folder / f"{split}_{label:04d}_{i:05d}{_EXTENSIONS[fmt]}"
                 Image.fromarray(pixels).save(path, fmt, **save_args)
+                bar.advance()
+    bar.close()
     return root
 
 
@@ -160,8 +171,11 @@ def ensure_dummy_imagefolder(cache_dir: str | os.PathLike | None = None) -> Path
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{DUMMY_VERSION}.tmp-", dir=parent))
     try:
+        log.info("generating the --dummy data set once: %d JPEG images into %s",
+                 DUMMY_NUM_CLASSES * (DUMMY_TRAIN_PER_CLASS + DUMMY_VAL_PER_CLASS), target)
         make_imagefolder(staging, DUMMY_NUM_CLASSES, DUMMY_TRAIN_PER_CLASS, DUMMY_VAL_PER_CLASS,
-                         image_size=DUMMY_IMAGE_SIZE, seed=DUMMY_SEED, sizes_jitter=DUMMY_SIZES_JITTER)
+                         image_size=DUMMY_IMAGE_SIZE, seed=DUMMY_SEED, sizes_jitter=DUMMY_SIZES_JITTER,
+                         progress="generating the --dummy data set")
         (staging / "dataset.json").write_text(json.dumps({
             "version": DUMMY_VERSION, "num_classes": DUMMY_NUM_CLASSES,
             "train_per_class": DUMMY_TRAIN_PER_CLASS, "val_per_class": DUMMY_VAL_PER_CLASS,

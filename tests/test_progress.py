@@ -1,0 +1,33 @@
+"""Progress on a terminal: tqdm bars with a percentage, a rate and the time left, checked in a real
+pseudo-terminal; the ModelZoo log lines wherever stdout is not one (tests/test_scripts.py)."""
+from __future__ import annotations
+
+import re
+
+from processes import main_command, run_in_terminal
+
+# tqdm's "<description>:  67%|######    | 2/3 [00:11<00:05,  5.48s/step, loss=...]"
+BAR = re.compile(r"(?P<task>[\w -]+?): +(?P<percent>\d+)%\|[^|]*\| *(?P<done>\d+)/(?P<total>\d+) "
+                 r"\[(?P<elapsed>\d\d:\d\d)<(?P<left>\d\d:\d\d|\?), +(?P<rate>[\d.]+ ?(?:s/)?[a-z]+(?:/s)?)")
+
+
+def test_a_terminal_shows_bars_with_percentage_rate_and_time_left(tmp_path):
+    # One loader worker: the process must also exit with its workers alive until the end (a draw of
+    # curves.png once pinned the training frames, and the exit waited for a worker forever).
+    command = main_command("-a", "xception", "--dummy", "--dummy-dir", tmp_path / "cache", "--output_dir",
+                           tmp_path / "out", "--image-size", "48", "-b", "8", "-j", "1", "--epochs", "1",
+                           "--max-steps", "3", "--print-freq", "1", "--seed", "0")
+    code, output = run_in_terminal(command, timeout=240)
+    assert code == 0, output
+    states = [match.groupdict() for match in BAR.finditer(output)]
+    for task in ("generating the --dummy data set", "Epoch 0", "Test"):
+        finished = [state for state in states if state["task"].endswith(task) and state["percent"] == "100"]
+        assert finished, f"no finished bar for {task!r} in:\n{output[-3000:]}"
+        assert all(state["done"] == state["total"] and state["left"] != "?" for state in finished)
+    assert {state["total"] for state in states if state["task"].endswith("Epoch 0")} == {"3"}
+    assert any(state["percent"] not in ("0", "100") for state in states)  # drawn while running, with a rate
+    assert "loss=" in output  # the running loss next to the bar
+    # The bar replaces the per-step lines; the summaries ModelZoo's parsers read stay.
+    assert "Epoch: [0][" not in output and "Test: [" not in output
+    for line in ("Epoch: [0] summary  Loss ", "[cpu id: 0 ] * FPS@all ", " * Acc@1 "):
+        assert line in output, line
