@@ -122,6 +122,20 @@ def test_torchrun_two_processes_train_and_report_like_one(tiny_data, eval_checkp
 
 # -- validation: exact across world sizes -------------------------------------------------
 
+def evaluations_on_2_and_3_processes(data, checkpoint, tmp_path, *extra):
+    """``main.py -e`` of ``checkpoint`` under torchrun: 2 ranks in batches of 7 (8+7 images, so
+    the ranks run 2 and 1 batches), 3 ranks in batches of 4; yields (processes, record, log)."""
+    for nproc, batch in ((2, 7), (3, 4)):
+        output = tmp_path / str(nproc)
+        command = torchrun_command("-a", "xception", "--data", data, "--image-size", TINY_IMAGE_SIZE,
+                                   "-b", batch, "-j", "0", "-e", "--resume", checkpoint, "--output_dir", output,
+                                   *extra, nproc=nproc)
+        code, log = run_to_end(command, tmp_path / f"{nproc}.log")
+        assert code == 0, log
+        [record] = metrics_of(output)
+        yield nproc, record, log
+
+
 def test_validation_is_identical_on_1_2_and_3_processes(tiny_data, eval_checkpoint, tmp_path):
     """15 val images: 1 rank in batches of 4; 2 ranks with 8+7 images in batches of 7 (so
     the ranks run 2 and 1 batches); 3 ranks with 5+5+5 in batches of 4. Same counts."""
@@ -129,14 +143,7 @@ def test_validation_is_identical_on_1_2_and_3_processes(tiny_data, eval_checkpoi
     alone = single_process_evaluation(tiny_data, eval_checkpoint, tmp_path / "1", "xception", *extra)
     assert alone["val_images"] == 15
     assert 0 < alone["val_acc1"] < alone["val_acc5"] < 100, alone  # predictions that sharding could change
-    for nproc, batch in ((2, 7), (3, 4)):
-        output = tmp_path / str(nproc)
-        command = torchrun_command("-a", "xception", "--data", tiny_data, "--image-size", TINY_IMAGE_SIZE,
-                                   "-b", batch, "-j", "0", "-e", "--resume", eval_checkpoint, "--output_dir", output,
-                                   *extra, nproc=nproc)
-        code, log = run_to_end(command, tmp_path / f"{nproc}.log")
-        assert code == 0, log
-        [record] = metrics_of(output)
+    for nproc, record, log in evaluations_on_2_and_3_processes(tiny_data, eval_checkpoint, tmp_path, *extra):
         assert record["val_images"] == 15, record
         assert (record["val_acc1"], record["val_acc5"]) == (alone["val_acc1"], alone["val_acc5"]), (nproc, record)
         assert record["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-5)
@@ -276,14 +283,7 @@ def test_validation_on_shards_is_the_imagefolders_on_1_2_and_3_processes(tiny_da
     on_shards = single_process_evaluation(shards, eval_checkpoint, tmp_path / "1", "xception", *extra)
     assert (on_shards["val_images"], on_shards["val_acc1"], on_shards["val_acc5"]) == \
         (15, alone["val_acc1"], alone["val_acc5"])
-    for nproc, batch in ((2, 7), (3, 4)):
-        output = tmp_path / str(nproc)
-        command = torchrun_command("-a", "xception", "--data", shards, "--image-size", TINY_IMAGE_SIZE,
-                                   "-b", batch, "-j", "0", "-e", "--resume", eval_checkpoint, "--output_dir", output,
-                                   *extra, nproc=nproc)
-        code, log = run_to_end(command, tmp_path / f"{nproc}.log")
-        assert code == 0, log
-        [record] = metrics_of(output)
+    for nproc, record, _ in evaluations_on_2_and_3_processes(shards, eval_checkpoint, tmp_path, *extra):
         assert (record["val_images"], record["val_acc1"], record["val_acc5"]) == \
             (15, alone["val_acc1"], alone["val_acc5"]), (nproc, record)
 

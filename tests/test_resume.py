@@ -102,7 +102,7 @@ def test_an_explicit_option_on_resume_wins_and_the_rest_comes_from_the_checkpoin
     result = run_main("-a", "xception", "--data", tiny_data, "--output_dir", tmp_path, "--resume", checkpoint,
                       "--epochs", "3", "--lr", "0.5", "--lr-schedule", "step", "-j", "0")
     assert result.code == 0, result.output
-    assert "options changed from the checkpoint: lr 0.01 -> 0.5, lr_schedule cosine -> step, epochs 2 -> 3" \
+    assert "options changed from the checkpoint: epochs 2 -> 3, lr 0.01 -> 0.5, lr_schedule cosine -> step" \
         in result.output
     used = json.loads((tmp_path / "args.json").read_text())
     assert (used["lr"], used["batch_size"], used["image_size"], used["seed"]) == (0.5, 2, SIZE, 0)

@@ -123,6 +123,27 @@ def test_max_steps_caps_each_epoch(tiny_data, tmp_path):
     assert record["train_steps"] == 2 and record["train_images"] == 4
 
 
+def test_no_loader_worker_outlives_the_run(tiny_data, tmp_path):
+    """Workers ignore SIGTERM (the main process stops a run): left alive, they would keep a
+    process that goes on after main(), or its exit, waiting for ever. The run stops them
+    itself: nothing relies on the garbage collector (off here, as it may not have run when
+    the interpreter exits and multiprocessing joins its children)."""
+    import gc
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    gc.disable()
+    try:
+        result = run_main(*quick_args(tiny_data, tmp_path, "xception", "--max-steps", "2", "-b", "2",
+                                      "--workers", "1"))
+        assert result.code == 0, result.output
+        assert set(multiprocessing.active_children()) == before
+    finally:
+        gc.enable()
+        for left in set(multiprocessing.active_children()) - before:
+            left.kill()  # SIGKILL: a failure here must not hang pytest's own exit as well
+
+
 def test_non_finite_loss_stops_with_step(tiny_data, tmp_path):
     result = run_main(*quick_args(tiny_data, tmp_path, "xception", "--lr", "1e30", "--max-steps", "6",
                                   "--print-freq", "1", "--warm_up_epochs", "0"))

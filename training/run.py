@@ -211,6 +211,7 @@ class Run:
             finally:
                 with self.signals.ended():
                     writer.close()
+                    parts.loaders.close()
 
     # -- before training ---------------------------------------------------------------------
 

@@ -64,6 +64,9 @@ class BatchSource(Protocol):
     def skip(self, samples: int) -> None:
         """Leave out the first ``samples`` samples (of this rank) of the current epoch."""
 
+    def close(self) -> None:
+        """Stop its worker processes now (the run is over)."""
+
 
 @dataclass(frozen=True)
 class DataSettings:
@@ -125,6 +128,12 @@ class Loaders:
     def samples_per_step(self) -> int:
         """Images one device reads per optimizer step."""
         return self.batch_size * self.accum_steps
+
+    def close(self) -> None:
+        """Stop the loaders' worker processes (the run is over, or it failed)."""
+        for source in (self.train, self.val):
+            if source is not None:
+                source.close()
 
 
 def _data_root(settings: DataSettings, topology: Topology) -> str:

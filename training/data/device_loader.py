@@ -51,6 +51,21 @@ class DeviceLoader:
         """Leave out the first ``samples`` samples of this epoch (mid-epoch resume)."""
         self.loader.sampler.skip(samples)
 
+    def close(self) -> None:
+        """Stop the loader's worker processes now.
+
+        They ignore SIGTERM and SIGINT (the main process stops the run, imagefolder.py), so they
+        must not outlive it: at interpreter exit multiprocessing would join them for ever if
+        anything still held the loader. DataLoader keeps its persistent workers' iterator in
+        ``_iterator`` and has no public way to stop them; ``_shutdown_workers`` is what its own
+        ``__del__`` calls (torch 2.3 to 2.14)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+        if iterator is not None:
+            self.loader._iterator = None
+
     def _to_device(self, batch: Batch) -> Batch:
         images, labels, replaced = batch
         # Non-blocking only from pinned memory: from pageable memory MPS (which has no pinned

@@ -41,3 +41,6 @@ class SyntheticBatches:
     def skip(self, samples: int) -> None:
         """Every batch is the same: a resumed epoch just has fewer steps left."""
         self.remaining = max(0, self.steps - samples // self.batch_size)
+
+    def close(self) -> None:
+        """No worker processes to stop."""
