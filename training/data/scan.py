@@ -24,13 +24,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.errors import UserError
 from training import distributed
+from training.atomic import WriteError, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +178,15 @@ def save_index(index: FolderIndex, root: str | os.PathLike, cache_dir: str | os.
     payload = {"format": INDEX_FORMAT, "root": str(root), "classes": index.classes, "files": files,
                "folders": index.folders}
     target = index_cache_file(root, cache_dir)
+    text = json.dumps(payload, separators=(",", ":")).encode("utf-8")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, separators=(",", ":"))
-        os.replace(staging, target)
-    except OSError as error:  # a cache that cannot be written costs a scan next time, nothing more
+        replace_file(target, lambda stream: stream.write(text))
+    except OSError as error:
         log.info("note: the scan of %s is not cached (%s: %s)", root, target, error.strerror or error)
+        return False
+    except WriteError as error:  # a cache that cannot be written costs a scan next time, nothing more
+        log.info("note: the scan of %s is not cached (%s)", root, error)
         return False
     return True
 
