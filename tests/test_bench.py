@@ -127,6 +127,7 @@ def test_end_to_end_tiny(tmp_path, data_dir):
     assert positive(report["ratio"])
 
 
+@pytest.mark.slow
 def test_accuracy_tiny(tmp_path, data_dir):
     report = run_script("accuracy.py", "--arch", "xception", "--configs", "reference,ours,ours-ema", "--seeds", "0",
                         "--epochs", "1", "--batch-size", "32", "--image-size", "16", "--workers", "0",
