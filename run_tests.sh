@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-python3 -m pytest -q tests "$@"
+python3 -m pytest -q "$@"  # pytest.ini: testpaths = tests when no path is given
