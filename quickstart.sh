@@ -10,9 +10,10 @@ output="output/quickstart_${arch}"
 cat <<EOF
 quickstart: trains ${arch} from scratch for 5 epochs on a generated data set of 10 classes of
 coloured shapes (480 training and 160 validation images at 96 px), evaluates the best checkpoint
-and classifies demo/sample.jpg with it. Expect about 3 minutes on 2 idle cores of an AMD EPYC
-(Xception trains at about 20 images/s there; longer on busy cores, shorter on an accelerator) and
-a best validation Acc@1 far above chance (10 %): 77 % and 91 % in two runs there. The first
+and classifies demo/sample.jpg with it. Expect 1 to 3 minutes on 2 idle cores of an AMD EPYC
+(Xception trains at 20 to 50 images/s on the two kinds of EPYC measured; longer on busy cores,
+shorter on an accelerator) and a best validation Acc@1 far above chance (10 %): 77 %, 91 % and
+97.5 % in three runs there. The first
 validation loss can be huge: a note in the log explains it.
 EOF
 python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
