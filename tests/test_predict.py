@@ -101,3 +101,46 @@ def test_inference_input_follows_the_capability_row(row):
     assert seen.is_contiguous(memory_format=torch.channels_last) == caps.channels_last
     assert seen.is_contiguous() == (not caps.channels_last)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last) == caps.channels_last
+
+
+def test_a_csv_to_stdout_a_pipe_or_a_link_is_written_through_not_replaced(trained_checkpoint, photo_folder,
+                                                                          tmp_path):
+    """Where the output is not a regular file, writing it as a new file renamed into place
+    would replace the device, the pipe or the link itself (as root, /dev/stdout's link too)."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    command = [sys.executable, str(Path(demo.__file__)), "--checkpoint", str(trained_checkpoint), "--image",
+               str(photo_folder), "-b", "4", "-j", "0", "--csv"]
+    try:
+        to_stdout = subprocess.run([*command, "/dev/stdout"], capture_output=True, text=True, timeout=300)
+        assert to_stdout.returncode == 0, to_stdout.stderr
+        assert "\npath,class_1,probability_1," in "\n" + to_stdout.stdout, to_stdout.stdout  # among demo's lines
+        assert os.path.islink("/dev/stdout")
+    finally:  # a failure as root must not leave the machine without its /dev/stdout
+        if not os.path.islink("/dev/stdout") and os.geteuid() == 0:
+            os.remove("/dev/stdout")
+            os.symlink("/proc/self/fd/1", "/dev/stdout")
+
+    fifo = tmp_path / "predictions.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    through_fifo = subprocess.run([*command, str(fifo)], capture_output=True, text=True, timeout=300)
+    reader.join(timeout=60)
+    assert through_fifo.returncode == 0, through_fifo.stderr
+    assert received and received[0].decode().startswith("path,class_1,")
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["predictions.fifo"]
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "predictions.csv").write_text("old")
+    link = tmp_path / "latest.csv"
+    link.symlink_to(kept / "predictions.csv")
+    assert demo.main(["--checkpoint", str(trained_checkpoint), "--image", str(photo_folder), "-b", "4", "-j", "0",
+                      "--csv", str(link)]) == 0
+    assert link.is_symlink() and (kept / "predictions.csv").read_text().startswith("path,class_1,")
+    assert sorted(p.name for p in kept.iterdir()) == ["predictions.csv"]

@@ -1,7 +1,10 @@
 """Writing a run's files so that a crash, a kill or a full disk never leaves a broken one.
 
 ``replace_file`` writes into a temporary file beside the target (``.<name>.<token>.tmp``),
-fsyncs it and renames it over the target: readers see the old file or the new one.
+fsyncs it and renames it over the target: readers see the old file or the new one. A
+symbolic link is followed (the file it names is replaced, the link kept), and a target that
+exists but is not a regular file (``/dev/stdout``, ``/dev/null``, a named pipe) is written in
+place, as ``open`` would: renaming over it would replace the device or the pipe itself.
 ``replacing`` does the same for writers that want a file name rather than a stream (the
 ONNX exporter, the csv module), and lets the caller check the file before it is renamed. The
 temporary file is created with mode 0666 less the umask, as any file the user creates, so
@@ -15,6 +18,7 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -83,8 +87,12 @@ def replace_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         WriteError: the file could not be written; ``path`` is unchanged.
     """
     path = Path(path)
+    target, replaceable = _where_to_write(path)
+    if not replaceable:
+        _write_in_place(path, write)
+        return path
     try:
-        handle, temporary = _create_beside(path)
+        handle, temporary = _create_beside(target)
     except OSError as error:
         raise WriteError(describe_os_error(path, error)) from None
     recording = None
@@ -94,15 +102,42 @@ def replace_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             write(recording)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except BaseException as error:
         temporary.unlink(missing_ok=True)
-        cause = error if isinstance(error, OSError) else (recording.error if recording else None)
-        if cause is not None and not isinstance(error, KeyboardInterrupt):
-            raise WriteError(describe_os_error(path, cause)) from None
+        _raise_as_write_error(path, error, recording)
         raise
-    _fsync_directory(path.parent)
+    _fsync_directory(target.parent)
     return path
+
+
+def _where_to_write(path: Path) -> tuple[Path, bool]:
+    """The file that writing ``path`` changes (symbolic links followed), and whether it may be
+    replaced by a rename: not when it exists and is not a regular file."""
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)  # through links, /dev/stdout's to a pipe too
+    except OSError:  # not there yet (or not reachable: creating the temporary file will say why)
+        regular = True
+    return (Path(os.path.realpath(path)) if regular else path), regular
+
+
+def _write_in_place(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    recording = None
+    try:
+        with open(path, "wb") as stream:
+            recording = _RecordingStream(stream)
+            write(recording)
+    except BaseException as error:
+        _raise_as_write_error(path, error, recording)
+        raise
+
+
+def _raise_as_write_error(path: Path, error: BaseException, recording: _RecordingStream | None) -> None:
+    """Raise ``WriteError`` when ``error`` comes from the OS (directly, or through a writer that
+    reported a failed write as something else); return otherwise."""
+    cause = error if isinstance(error, OSError) else (recording.error if recording else None)
+    if cause is not None and not isinstance(error, KeyboardInterrupt):
+        raise WriteError(describe_os_error(path, cause)) from None
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -123,29 +158,42 @@ def _fsync_directory(folder: Path) -> None:
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write (and check); when the block ends without
     an exception, the file is flushed and renamed over ``path``, otherwise removed, and ``path``
-    is left as it was. Creates ``path``'s folder if needed.
+    is left as it was. Creates ``path``'s folder if needed. A symbolic link is followed, and a
+    target that is not a regular file is yielded itself, written in place (module docstring).
 
     Raises:
         WriteError: the temporary file, or the rename, failed (an OS error naming it or ``path``).
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = _create_beside(path)
+    target, replaceable = _where_to_write(path)
+    if not replaceable:
+        with _os_errors_as_write_errors(path, path):
+            yield path
+        return
+    with _os_errors_as_write_errors(path, path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = _create_beside(target)
         os.close(handle)
-    except OSError as error:
-        raise WriteError(describe_os_error(path, error)) from None
     try:
-        yield temporary
-        _fsync_file(temporary)
-        os.replace(temporary, path)
-    except OSError as error:
-        if error.filename not in (None, str(temporary), str(path)):
-            raise  # not the write: another file the block read
-        raise WriteError(describe_os_error(path, error)) from None
+        with _os_errors_as_write_errors(path, temporary, target):
+            yield temporary
+            _fsync_file(temporary)
+            os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
+    _fsync_directory(target.parent)
+
+
+@contextlib.contextmanager
+def _os_errors_as_write_errors(path: Path, *written: Path) -> Iterator[None]:
+    """An OS error about one of the ``written`` files (or about none) becomes a ``WriteError``
+    naming ``path``; one about another file the block read stays what it is."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename not in (None, *map(str, written)):
+            raise
+        raise WriteError(describe_os_error(path, error)) from None
 
 
 def _fsync_file(path: Path) -> None:
