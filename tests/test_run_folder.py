@@ -112,6 +112,21 @@ def test_resume_auto_never_starts_over_a_folder_whose_checkpoint_is_unreadable(t
     assert alone.code == 1 and f"cannot read checkpoint {last}" in alone.output
 
 
+def test_a_run_never_writes_another_runs_files_through_a_link(trained_checkpoint, tiny_data, tmp_path):
+    """A checkpoint that is a link to another run's (to continue from it) is read through the
+    link; what the run saves replaces the link, never the other run's file."""
+    other = copy_run(trained_checkpoint, tmp_path / "other")
+    before = contents(other)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pth.tar").symlink_to(other / "checkpoint.pth.tar")
+    result = run_main(*quick_args(tiny_data, run, "inception_v3", "--max-steps", "2", "--epochs", "2",
+                                  "--resume", "auto"))
+    assert result.code == 0, result.output
+    assert contents(other) == before
+    assert not (run / "checkpoint.pth.tar").is_symlink() and load_checkpoint(run / "checkpoint.pth.tar")["epoch"] == 2
+
+
 def test_output_that_cannot_be_written_is_one_line_naming_the_path(tiny_data, tmp_path):
     a_file = tmp_path / "results.txt"
     a_file.write_text("not a folder")

@@ -2,9 +2,11 @@
 
 ``replace_file`` writes into a temporary file beside the target (``.<name>.<token>.tmp``),
 fsyncs it and renames it over the target: readers see the old file or the new one. A
-symbolic link is followed (the file it names is replaced, the link kept), and a target that
-exists but is not a regular file (``/dev/stdout``, ``/dev/null``, a named pipe) is written in
-place, as ``open`` would: renaming over it would replace the device or the pipe itself.
+target that exists but is not a regular file (``/dev/stdout``, ``/dev/null``, a named pipe) is
+written in place, as ``open`` would: renaming over it would replace the device or the pipe
+itself. A symbolic link to a regular file is replaced itself by ``replace_file`` (a run's own
+files: a link never lets a run overwrite another run's checkpoint) and followed by
+``replacing`` (an output the user named: the file the link names is replaced, the link kept).
 ``replacing`` does the same for writers that want a file name rather than a stream (the
 ONNX exporter, the csv module), and lets the caller check the file before it is renamed. The
 temporary file is created with mode 0666 less the umask, as any file the user creates, so
@@ -87,7 +89,7 @@ def replace_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         WriteError: the file could not be written; ``path`` is unchanged.
     """
     path = Path(path)
-    target, replaceable = _where_to_write(path)
+    target, replaceable = _where_to_write(path, follow_link=False)
     if not replaceable:
         _write_in_place(path, write)
         return path
@@ -111,14 +113,14 @@ def replace_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     return path
 
 
-def _where_to_write(path: Path) -> tuple[Path, bool]:
-    """The file that writing ``path`` changes (symbolic links followed), and whether it may be
-    replaced by a rename: not when it exists and is not a regular file."""
+def _where_to_write(path: Path, follow_link: bool) -> tuple[Path, bool]:
+    """The file a rename would replace (a link's target with ``follow_link``), and whether it
+    may be replaced by a rename: not when it exists and is not a regular file."""
     try:
         regular = stat.S_ISREG(path.stat().st_mode)  # through links, /dev/stdout's to a pipe too
     except OSError:  # not there yet (or not reachable: creating the temporary file will say why)
         regular = True
-    return (Path(os.path.realpath(path)) if regular else path), regular
+    return (Path(os.path.realpath(path)) if regular and follow_link else path), regular
 
 
 def _write_in_place(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -159,13 +161,13 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write (and check); when the block ends without
     an exception, the file is flushed and renamed over ``path``, otherwise removed, and ``path``
     is left as it was. Creates ``path``'s folder if needed. A symbolic link is followed, and a
-    target that is not a regular file is yielded itself, written in place (module docstring).
+    target that is not a regular file is yielded itself, to be written in place (module docstring).
 
     Raises:
         WriteError: the temporary file, or the rename, failed (an OS error naming it or ``path``).
     """
     path = Path(path)
-    target, replaceable = _where_to_write(path)
+    target, replaceable = _where_to_write(path, follow_link=True)
     if not replaceable:
         with _os_errors_as_write_errors(path, path):
             yield path
