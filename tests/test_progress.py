@@ -23,8 +23,12 @@ def test_a_terminal_shows_bars_with_percentage_rate_and_time_left(tmp_path):
     for task in ("generating the --dummy data set", "Epoch 0", "Test"):
         finished = [state for state in states if state["task"].endswith(task) and state["percent"] == "100"]
         assert finished, f"no finished bar for {task!r} in:\n{output[-3000:]}"
-        assert all(state["done"] == state["total"] and state["left"] != "?" for state in finished)
-    assert {state["total"] for state in states if state["task"].endswith("Epoch 0")} == {"3"}
+        assert all(state["done"] == state["total"] for state in finished)
+    epoch = [state for state in states if state["task"].endswith("Epoch 0")]
+    assert {state["total"] for state in epoch} == {"3"}
+    # Every bar has the time-left field (BAR); it holds a time once tqdm knows a rate, '?' before
+    # (also on a bar that ends before its first timed update: which do depends on the machine).
+    assert any(state["left"] != "?" for state in states)
     assert any(state["percent"] not in ("0", "100") for state in states)  # drawn while running, with a rate
     assert "loss=" in output  # the running loss next to the bar
     # The bar replaces the per-step lines; the summaries ModelZoo's parsers read stay.
