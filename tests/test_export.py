@@ -167,6 +167,34 @@ def test_a_full_disk_leaves_the_previous_file_and_no_partial_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.pth", "xception.onnx"]
 
 
+def test_an_export_killed_mid_write_leaves_a_temporary_file_the_next_one_removes(tmp_path):
+    """kill -9 while the ONNX file is written (tens of MB for ImageNet's head): the next export
+    to the same file removes what the killed one left, and nothing else."""
+    import time
+
+    path = tmp_path / "weights.pth"
+    torch.save(models.create_model("xception", num_classes=3).state_dict(), path)
+    target = tmp_path / "xception.onnx"
+    target.write_bytes(b"the model deployed yesterday")
+    elsewhere = tmp_path / ".xception.onnx.otherhost-1.0a1b2c3d.tmp"  # another machine's, on shared storage
+    elsewhere.write_bytes(b"not ours")
+    command = [sys.executable, str(REPO / "pthtar2onnx.py"), str(path), "-a", "xception", "--image-size", str(SIZE)]
+    export = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pattern = f".xception.onnx.*-{export.pid}.*.tmp"
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(pattern)) and export.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    export.kill()
+    export.wait(timeout=60)
+    [left] = tmp_path.glob(pattern)  # the kill came while the file was written
+    assert target.read_bytes() == b"the model deployed yesterday"
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not left.exists() and elsewhere.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [elsewhere.name, "weights.pth", "xception.onnx"]
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--dynamo", "--opset", "11"], "--dynamo writes opset 18 or newer; got --opset 11"),
     (["--opset", "21"], "the TorchScript exporter writes opsets 7 to 20; add --dynamo for --opset 21"),

@@ -1,6 +1,7 @@
 """Writing a run's files so that a crash, a kill or a full disk never leaves a broken one.
 
-``replace_file`` writes into a temporary file beside the target (``.<name>.<token>.tmp``),
+``replace_file`` writes into a temporary file beside the target
+(``.<name>.<host>-<pid>.<token>.tmp``; a later write removes those of a killed process),
 fsyncs it and renames it over the target: readers see the old file or the new one. A
 target that exists but is not a regular file (``/dev/stdout``, ``/dev/null``, a named pipe) is
 written in place, as ``open`` would: renaming over it would replace the device or the pipe
@@ -18,13 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
+import logging
 import os
 import secrets
+import socket
 import stat
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from models.errors import UserError
+
+log = logging.getLogger(__name__)
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -72,9 +78,40 @@ class _RecordingStream:
         return getattr(self.stream, name)  # tell, seek...: what other writers may ask for
 
 
+def _writer_tag() -> str:
+    """Who writes a temporary file: this host and process (``<host>-<pid>``)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_dead_writers_files(path: Path) -> None:
+    """Remove the temporary files of ``path`` that a killed process of this host left (``kill -9``
+    in the middle of a write: an ONNX file or a checkpoint is tens of MB). Those of live processes,
+    and of other hosts sharing the folder, stay."""
+    host = socket.gethostname()
+    for temporary in path.parent.glob(temporary_pattern(glob.escape(path.name))):
+        writer = temporary.name[len(path.name) + 2:-len(TEMPORARY_SUFFIX)].rsplit(".", 1)[0]
+        writer_host, _, pid = writer.rpartition("-")
+        if writer_host != host or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+            log.info("removed %s, the temporary file of an interrupted write", temporary)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 def _create_beside(path: Path) -> tuple[int, Path]:
+    _remove_dead_writers_files(path)
     while True:
-        temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
+        temporary = path.parent / f".{path.name}.{_writer_tag()}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
         try:
             # 0o666: the umask decides, as for any new file.
             return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
