@@ -33,15 +33,20 @@ class WeightsError(UserError):
     """A weights file or state dict that cannot be used; the message names the file."""
 
 
-def read_weights_file(path: str | os.PathLike) -> object:
-    """``torch.load`` a file on the CPU with ``weights_only=True``, with one-line errors."""
+def read_weights_file(path: str | os.PathLike, what: str = "weights file") -> object:
+    """``torch.load`` a file on the CPU with ``weights_only=True``, with one-line errors that call
+    it ``what`` ("weights file", "checkpoint")."""
     path = Path(path)
     if not path.exists():
-        raise WeightsError(f"weights file not found: {path}")
+        raise WeightsError(f"{what} not found: {path}")
     if not path.is_file():
-        raise WeightsError(f"weights path is not a file: {path}")
+        raise WeightsError(f"{path} is not a file")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
+    kind = _file_kind(path, what)
+    if kind is None:
+        raise WeightsError(f"cannot read {what} {path}: not a PyTorch file (neither the zip archive torch.save "
+                           f"writes nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -50,9 +55,26 @@ def read_weights_file(path: str | os.PathLike) -> object:
             raise WeightsError(
                 f"refusing to load {path}: it contains Python objects other than tensors ({_refusal_reason(message)})"
             ) from None
-        raise WeightsError(f"cannot read weights file {path}: {_first_line(message)}") from None
+        raise WeightsError(f"cannot read {what} {path}: {_first_line(message)}") from None
     except Exception as exc:  # zip/pickle/EOF errors from a truncated or foreign file
-        raise WeightsError(f"cannot read weights file {path}: {type(exc).__name__}: {_first_line(str(exc))}") from None
+        if kind == "zip" and "zip archive" in str(exc):
+            raise WeightsError(f"cannot read {what} {path}: the zip archive torch.save writes is damaged or "
+                               f"incomplete (a copy or a save cut short?)") from None
+        raise WeightsError(f"cannot read {what} {path}: {type(exc).__name__}: {_first_line(str(exc))}") from None
+
+
+def _file_kind(path: Path, what: str) -> str | None:
+    """"zip" (torch.save's format since torch 1.6), "pickle" (the legacy one), or None: neither."""
+    try:
+        with path.open("rb") as stream:
+            start = stream.read(4)
+    except OSError as exc:
+        raise WeightsError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if start.startswith(b"PK\x03\x04"):
+        return "zip"
+    if start[:1] == b"\x80":  # a pickle's PROTO opcode: torch.save writes protocol 2
+        return "pickle"
+    return None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

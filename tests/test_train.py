@@ -226,6 +226,7 @@ def test_bad_resume_files_are_errors(trained_checkpoint, tiny_data, tmp_path):
     (["--dummy", "--image-size", "64"], "minimum input size 75"),
     (["--dummy", "--world-size", "0"], "argument --world-size: must be positive, or -1 for one node, got 0"),
     (["--dummy", "--device", "tpu"], "choose from auto, npu, cuda, mps, cpu"),
+    (["--dummy", "--output_dir", ""], "--output_dir/--output-dir: an empty path; name a folder"),
 ])
 def test_bad_options_are_rejected(argv, expected):
     result = run_main(*argv)

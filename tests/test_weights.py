@@ -220,3 +220,22 @@ def test_non_state_dict_contents(tmp_path):
         load_weights(create_model("xception"), path)
     with pytest.raises(WeightsError, match="has no state dict.*found keys epoch, arch"):
         extract_state_dict({"epoch": 3, "arch": "xception"})
+
+
+def test_a_file_that_is_not_pytorch_says_so_and_a_cut_archive_says_what_it_is(tmp_path, xception_state):
+    text = tmp_path / "README.md"
+    text.write_text("# notes\nnot weights\n")
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(bytes(range(7, 250)))
+    for path in (text, noise):
+        with pytest.raises(WeightsError) as raised:
+            read_weights_file(path)
+        assert str(raised.value) == (f"cannot read weights file {path}: not a PyTorch file (neither the zip "
+                                     f"archive torch.save writes nor a pickle)")
+    whole = tmp_path / "whole.pth"
+    torch.save({"conv1.weight": xception_state["conv1.weight"]}, whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[:64])
+    with pytest.raises(WeightsError, match=f"cannot read weights file {cut}: the zip archive torch.save writes "
+                                           f"is damaged or incomplete"):
+        read_weights_file(cut)

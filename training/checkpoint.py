@@ -26,7 +26,7 @@ import torch
 
 from models.errors import UserError
 from models.registry import UnknownArchError, resolve_arch
-from models.weights import WeightsError, extract_state_dict
+from models.weights import WeightsError, extract_state_dict, read_weights_file
 from training.atomic import replace_file
 
 log = logging.getLogger(__name__)
@@ -340,20 +340,11 @@ def save_checkpoint(checkpoint: Checkpoint | Mapping[str, Any], path: str | os.P
     return replace_file(path, lambda stream: torch.save(payload, stream))
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
 def _read_file(path: Path) -> Any:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"{path} is not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(error)}") from None
+        return read_weights_file(path, what="checkpoint")
+    except WeightsError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:

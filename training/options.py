@@ -104,6 +104,13 @@ def _loss_scale(text: str) -> str:
     return text
 
 
+def folder(text: str) -> str:
+    """A folder path: an empty one would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a folder (\".\" for the current one)")
+    return text
+
+
 def architecture(text: str) -> str:
     """An argparse ``type``: the registry's name for ``text`` (aliases accepted), or the choices."""
     try:
@@ -333,7 +340,8 @@ def _add_distributed_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     topic = _Topic(parser, "run")
-    topic.add("--output_dir", "--output-dir", dest="output_dir", default="output", metavar="DIR", resumed=False,
+    topic.add("--output_dir", "--output-dir", dest="output_dir", type=folder, default="output", metavar="DIR",
+              resumed=False,
               help="checkpoints, metrics.jsonl, args.json and TensorBoard logs")
     topic.add("--resume", default=None, metavar="FILE|auto", resumed=False,
               help="continue from a checkpoint, at the exact step it was written; 'auto' takes --output_dir's own "
