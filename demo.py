@@ -22,7 +22,7 @@ from pathlib import Path
 
 import models
 from models.errors import UserError
-from training import device as devices
+from training import device as devices, progress
 from training.atomic import replacing
 from training.checkpoint import checkpoint_for_inference
 from training.data.embedded import DUMMY_NUM_CLASSES, class_name
@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # its reader went away (| head): quietly, as a program SIGPIPE ends
+        progress.silence()
+        return progress.BROKEN_PIPE_EXIT_CODE
     return 0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from models.errors import UserError
-from training import device as devices
+from training import device as devices, progress
 from training.atomic import WriteError, replacing
 from training.checkpoint import checkpoint_for_inference
 from training.inference import InferenceModel, load_for_inference
@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # its reader went away (| head): quietly, as a program SIGPIPE ends
+        progress.silence()
+        return progress.BROKEN_PIPE_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ pseudo-terminal; the ModelZoo log lines wherever stdout is not one (tests/test_s
 from __future__ import annotations
 
 import re
+import sys
 
 from processes import main_command, run_in_terminal
 
@@ -35,3 +36,35 @@ def test_a_terminal_shows_bars_with_percentage_rate_and_time_left(tmp_path):
     assert "Epoch: [0][" not in output and "Test: [" not in output
     for line in ("Epoch: [0] summary  Loss ", "[cpu id: 0 ] * FPS@all ", " * Acc@1 "):
         assert line in output, line
+
+
+def test_a_reader_that_goes_away_stops_neither_the_run_nor_floods_stderr(tiny_data, tmp_path):
+    """``main.py | head``: the run goes on and saves, with one warning; ``demo.py | head`` ends
+    quietly with SIGPIPE's status. Before, every later log line printed a logging traceback."""
+    import subprocess
+
+    from conftest import quick_args
+    from processes import REPO
+
+    output = tmp_path / "out"
+    run = subprocess.Popen(main_command(*quick_args(tiny_data, output, "xception", "--max-steps", "2", "-b", "2")),
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline().startswith("network: xception")
+    run.stdout.close()  # as head does after its lines
+    errors = run.stderr.read()
+    assert run.wait(timeout=300) == 0, errors
+    assert errors.splitlines() == ["warning: the console's reader went away (broken pipe): the run goes on, its log "
+                                   "lines go nowhere now; metrics.jsonl has its figures"]
+    assert (output / "checkpoint.pth.tar").is_file() and (output / "metrics.jsonl").read_text().strip()
+
+    many = tmp_path / "many"
+    many.mkdir()
+    for index, image in enumerate(sorted((tiny_data / "val").rglob("*.jpg"))[:12]):
+        (many / f"{index:02d}.jpg").write_bytes(image.read_bytes())
+    demo = subprocess.Popen([sys.executable, "demo.py", "--checkpoint", str(output / "checkpoint.pth.tar"), "--image",
+                             str(many), "-j", "0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert demo.stdout.readline().startswith("checkpoint: ")
+    demo.stdout.close()
+    errors = demo.stderr.read()
+    assert demo.wait(timeout=300) == 141 and "Traceback" not in errors, errors

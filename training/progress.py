@@ -62,6 +62,23 @@ def configure(mode: str, enabled: bool) -> None:
     _display = Display(mode, enabled)
 
 
+# What a program that was killed by SIGPIPE exits with (128 + 13): ``demo.py | head`` ends so.
+BROKEN_PIPE_EXIT_CODE = 141
+
+
+def silence(stream: Any = None) -> bool:
+    """Point ``stream``'s file descriptor (stdout's by default) at the null device, after its
+    reader went away: what is printed later, and the interpreter's flush at exit, go nowhere
+    instead of failing. Whether it could (a stream without a descriptor cannot)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, (stream or sys.stdout).fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
 class ConsoleHandler(logging.StreamHandler):
     """The log's console handler: a record is written above an open bar, never into its line."""
 
@@ -69,8 +86,22 @@ class ConsoleHandler(logging.StreamHandler):
         try:
             tqdm.write(self.format(record), file=self.stream)
             self.flush()
+        except BrokenPipeError:
+            self._reader_gone()
         except Exception:  # logging's own policy: report through handleError, never raise
             self.handleError(record)
+
+    def _reader_gone(self) -> None:
+        """The console's reader went away (``main.py | head``). The run goes on (its figures are in
+        metrics.jsonl); what it prints from now on goes to the null device, as Python's docs advise
+        for a broken pipe, so that neither this handler nor the interpreter's exit reports it again."""
+        if not silence(self.stream):
+            self.setStream(open(os.devnull, "w"))  # noqa: SIM115 (kept for the process's life)
+        try:
+            print("warning: the console's reader went away (broken pipe): the run goes on, its log lines go "
+                  "nowhere now; metrics.jsonl has its figures", file=sys.stderr, flush=True)
+        except OSError:
+            pass
 
 
 class Progress:
