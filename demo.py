@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # its reader went away (| head): quietly, as a program SIGPIPE ends
         progress.silence()
         return progress.BROKEN_PIPE_EXIT_CODE
+    except KeyboardInterrupt:  # Ctrl-C: nothing half-written is left (files are replaced atomically)
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
