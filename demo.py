@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import models
-from models.errors import UserError
 from training import device as devices, progress
 from training.atomic import replacing
 from training.checkpoint import checkpoint_for_inference
@@ -169,18 +168,7 @@ def _write_csv(path: Path, outcome: Outcome, class_names: list[str], topk: int) 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:  # its reader went away (| head): quietly, as a program SIGPIPE ends
-        progress.silence()
-        return progress.BROKEN_PIPE_EXIT_CODE
-    except KeyboardInterrupt:  # Ctrl-C: nothing half-written is left (files are replaced atomically)
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return progress.tool_status(lambda: run(args))
 
 
 if __name__ == "__main__":

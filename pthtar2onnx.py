@@ -229,7 +229,7 @@ def _export_checked(args: argparse.Namespace, loaded: InferenceModel, size: int,
                                   f"disagreements); nothing was written to {output}{hint}")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     checkpoint = checkpoint_for_inference(args.checkpoint, HERE)
     loaded = load_for_inference(checkpoint, args.arch, use_ema=args.use_ema)
     size = args.image_size or loaded.image_size
@@ -247,22 +247,11 @@ def run(args: argparse.Namespace) -> int:
     weights = ", EMA weights" if loaded.weights == "ema" else ""
     print(f"wrote {output} ({loaded.arch}, {loaded.num_classes} classes{weights}, input {INPUT_NAME} {shape}, "
           f"opset {args.opset})")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:  # its reader went away (| head): quietly, as a program SIGPIPE ends
-        progress.silence()
-        return progress.BROKEN_PIPE_EXIT_CODE
-    except KeyboardInterrupt:  # Ctrl-C: nothing half-written is left (files are replaced atomically)
-        print("interrupted", file=sys.stderr)
-        return 130
+    return progress.tool_status(lambda: run(args))
 
 
 if __name__ == "__main__":

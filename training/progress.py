@@ -12,9 +12,11 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
+
+from models.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,25 @@ def silence(stream: Any = None) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     return True
+
+
+def tool_status(action: Callable[[], Any]) -> int:
+    """Run a command-line tool's ``action`` (demo.py, pthtar2onnx.py) and return its exit status:
+    0, 1 with one ``error:`` line for a ``UserError``, ``BROKEN_PIPE_EXIT_CODE`` quietly when its
+    reader went away (``| head``), 130 with one line on Ctrl-C (files are replaced atomically, so
+    nothing half-written is left). A bug keeps its traceback."""
+    try:
+        action()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        silence()
+        return BROKEN_PIPE_EXIT_CODE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 class ConsoleHandler(logging.StreamHandler):
